@@ -1,0 +1,59 @@
+"""Atomic file writes: write to a temporary file in the same folder, then ``os.replace``.
+
+A reader (or a crash) therefore sees either the old complete file or the new complete file, never a
+truncated one. Used for plans, checkpoints, predictions and reports.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Callable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+    The temporary name keeps the file's suffix(es) so that writers that dispatch on the
+    extension (SimpleITK, matplotlib) still work.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.basename(path)
+    suffix = base[base.find("."):] if "." in base else ""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + base.split(".")[0] + "_", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # flush file contents to disk before the rename
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> None:
+    """Atomically write ``obj`` as JSON (numpy scalars/arrays are converted)."""
+
+    def default(o: Any) -> Any:
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        if hasattr(o, "item"):
+            return o.item()
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, default=default)
+
+
+def write_with(writer: Callable[[str], None], path: str | os.PathLike) -> None:
+    """Atomically produce ``path`` with ``writer(tmp_path)`` (e.g. ``torch.save``, ``sitk.WriteImage``)."""
+    with atomic_path(path) as tmp:
+        writer(tmp)

@@ -1,0 +1,95 @@
+"""Named presets: the faithful GPU defaults and the tiny CPU preset used by tests and the demo.
+
+A preset bundles the planning geometry (target spacing, patch size, feature widths, batch size) with the
+training length. The defaults are those of the papers and nnssl/nnU-Net (1 mm isotropic, 128³ patch,
+ResEnc-L widths 32→320, batch 2, 1000 epochs × 250 iterations). ``cpu-tiny`` exists so that a 2-core
+machine can run the whole pipeline in minutes; it never changes the defaults.
+
+The chosen preset name is recorded in the plans (``plans['nnpre']['preset']``) so that trainers that
+nnU-Net instantiates by name pick up the matching training length without extra arguments.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Dict, Tuple
+
+from nnpre.errors import fail
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Planning geometry and training length.
+
+    Attributes:
+        name: preset identifier.
+        spacing: target spacing in mm, (X, Y, Z) order of the raw images. Default 1 mm isotropic
+            (nnssl ``onemmiso``).
+        patch_size: patch in voxels at ``spacing``. Default 128³ (nnPre design; nnssl uses 160³).
+        batch_size: patches per step. Default 2 (nnssl ``total_batch_size``).
+        base_features / max_features: width of stage 0 and the cap (nnU-Net: 32 and 320).
+        n_blocks_per_stage: residual blocks per encoder stage for ResEnc (ResEnc-L: 1,3,4,6,6,6,...).
+        num_epochs / iterations_per_epoch / val_iterations_per_epoch: training length
+            (nnU-Net/nnssl: 1000 × 250, 50 validation iterations).
+        save_every: checkpoint interval in epochs (nnU-Net: 50).
+    """
+
+    name: str
+    spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    patch_size: Tuple[int, int, int] = (128, 128, 128)
+    batch_size: int = 2
+    base_features: int = 32
+    max_features: int = 320
+    n_blocks_per_stage: Tuple[int, ...] = (1, 3, 4, 6, 6, 6, 6, 6)
+    num_epochs: int = 1000
+    iterations_per_epoch: int = 250
+    val_iterations_per_epoch: int = 50
+    save_every: int = 50
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["spacing"] = list(self.spacing)
+        d["patch_size"] = list(self.patch_size)
+        d["n_blocks_per_stage"] = list(self.n_blocks_per_stage)
+        return d
+
+    def with_overrides(self, **kw) -> "Preset":
+        """Return a copy with the non-``None`` keyword overrides applied."""
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items() if v is not None}
+        return replace(self, **kw)
+
+
+PRESETS: Dict[str, Preset] = {
+    # Faithful defaults for GPU users (see module docstring for the sources).
+    "gpu": Preset(name="gpu"),
+    # 2-core CPU: 2 mm voxels, 32³ patches (4 stages), 8→64 features, 1-block stages, short runs.
+    "cpu-tiny": Preset(
+        name="cpu-tiny",
+        spacing=(2.0, 2.0, 2.0),
+        patch_size=(32, 32, 32),
+        batch_size=2,
+        base_features=8,
+        max_features=64,
+        n_blocks_per_stage=(1, 1, 1, 1, 1, 1, 1, 1),
+        num_epochs=4,
+        iterations_per_epoch=10,
+        val_iterations_per_epoch=2,
+        save_every=1,
+    ),
+}
+PRESETS["default"] = PRESETS["gpu"]
+
+
+def get_preset(name: str | None) -> Preset:
+    """Look up a preset by name (``None`` → ``gpu``, the faithful default)."""
+    if name is None:
+        return PRESETS["gpu"]
+    if name not in PRESETS:
+        fail(f"unknown preset '{name}'; choose one of: {', '.join(sorted(set(PRESETS) - {'default'}))}")
+    return PRESETS[name]
+
+
+def preset_from_plans(plans: dict) -> Preset:
+    """The preset recorded in an nnPre plans dict (``gpu`` for plans we did not write)."""
+    info = plans.get("nnpre", {}) if isinstance(plans, dict) else {}
+    return get_preset(info.get("preset", "gpu"))

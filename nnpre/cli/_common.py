@@ -1,0 +1,63 @@
+"""Shared command-line plumbing: friendly errors, thread limits, nnU-Net environment handling."""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from nnpre.errors import NnPreError
+
+
+def cli_entry(fn: Callable[[argparse.Namespace], int | None], parser_fn: Callable[[], argparse.ArgumentParser]):
+    """Wrap a command: parse args, run, turn :class:`NnPreError` into ``error: ...`` and exit status 2."""
+
+    @functools.wraps(fn)
+    def main(argv: Optional[Sequence[str]] = None) -> int:
+        args = parser_fn().parse_args(argv)
+        try:
+            rc = fn(args)
+        except NnPreError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        return int(rc or 0)
+
+    return main
+
+
+def add_root_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=None,
+                   help="use ROOT/nnUNet_raw, ROOT/nnUNet_preprocessed and ROOT/nnUNet_results instead of the "
+                        "nnUNet_* environment variables")
+
+
+def apply_root(args: argparse.Namespace) -> None:
+    if getattr(args, "root", None):
+        from nnpre.nnunet_env import use_root
+
+        use_root(args.root)
+
+
+def triple(kind: type):
+    """argparse ``type`` for 1 or 3 numbers ("1" → (1,1,1), "1,1,2" or three args)."""
+
+    def parse(s: str):
+        try:
+            parts = [kind(x) for x in str(s).replace("x", ",").split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or three comma-separated numbers, got '{s}'")
+        if len(parts) == 1:
+            parts = parts * 3
+        if len(parts) != 3:
+            raise argparse.ArgumentTypeError(f"expected 1 or 3 values, got '{s}'")
+        return tuple(parts)
+
+    return parse
+
+
+def default_num_processes() -> int:
+    return max(1, min(int(os.environ.get("nnUNet_def_n_proc", os.cpu_count() or 1)), os.cpu_count() or 1))

@@ -1,0 +1,54 @@
+"""``nnPre_plan``: fingerprint, plan and preprocess a dataset at a fixed spacing and patch.
+
+Examples::
+
+    nnPre_plan -d 501 --preset cpu-tiny            # tiny CPU geometry (2 mm, 32³)
+    nnPre_plan -d 501 -pl resenc-l                 # ResEnc-L, 1 mm, 128³ (defaults)
+    nnPre_plan -d 501 --like pretrained.pth        # match a pretrained checkpoint's geometry
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from nnpre.cli._common import add_root_argument, apply_root, cli_entry, default_num_processes, triple
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnPre_plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", "--dataset", required=True, help="dataset id (e.g. 501) or name (Dataset501_X)")
+    p.add_argument("-pl", "--planner", choices=["plain", "resenc-l"], default=None,
+                   help="network family: plain-conv U-Net or residual-encoder U-Net (ResEnc-L widths). "
+                        "Default: resenc-l (or the checkpoint's with --like)")
+    p.add_argument("--preset", default=None, help="geometry/training preset: gpu (default) or cpu-tiny")
+    p.add_argument("--spacing", type=triple(float), default=None, help="target spacing in mm (default 1)")
+    p.add_argument("--patch", type=triple(int), default=None, help="patch size in voxels (default 128)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 2)")
+    p.add_argument("--normalization", choices=["zscore", "nnunet"], default=None,
+                   help="zscore every channel (default, as nnssl) or nnU-Net's per-channel choice")
+    p.add_argument("--plans-name", default=None, help="plans identifier (default nnPrePlans / nnPreResEncLPlans)")
+    p.add_argument("--like", metavar="CHECKPOINT", default=None,
+                   help="take spacing, patch, architecture and widths from a pretrained checkpoint")
+    p.add_argument("--no-preprocess", action="store_true", help="only fingerprint and plan")
+    p.add_argument("-np", "--num-processes", type=int, default=None, help="worker processes (default: cores)")
+    add_root_argument(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_root(args)
+    from planners.pipeline import plan_dataset
+
+    result = plan_dataset(args.dataset, planner=args.planner, preset=args.preset, spacing=args.spacing,
+                          patch_size=args.patch, batch_size=args.batch_size, normalization=args.normalization,
+                          plans_name=args.plans_name, like=args.like, preprocess=not args.no_preprocess,
+                          num_processes=args.num_processes or default_num_processes())
+    print(result.summary())
+    return 0
+
+
+main = cli_entry(run, build_parser)
+
+if __name__ == "__main__":
+    main()

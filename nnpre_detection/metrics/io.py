@@ -1,0 +1,93 @@
+"""Reading prediction files written by the nnpre detector.
+
+One JSON file per case, ``<case>.json``::
+
+    {"case": "case_000",
+     "boxes": [[a0_1, a1_1, a0_2, a1_2, a2_1, a2_2], ...],   # voxel index space, nnDetection layout
+     "scores": [0.9, ...], "labels": [0, ...],
+     "boxes_world": [[xmin, ymin, zmin, xmax, ymax, zmax], ...], "spacing": [...], "origin": [...],
+     "direction": [...]}
+
+Only ``boxes``, ``scores`` and ``labels`` are used for evaluation. Boxes and scores are read as float32,
+the precision of nnDetection's (and our) network outputs, so evaluation sees the same numbers nnDetection
+would. JSON files without any of the three keys (e.g. a run summary) are skipped; a file with only some of
+them is an error.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from nnpre.errors import fail
+
+PREDICTION_KEYS = ("boxes", "scores", "labels")
+
+
+def read_prediction(path: str) -> dict:
+    """Read one prediction file.
+
+    Returns:
+        ``{"boxes": (N, 6) float32, "scores": (N,) float32, "labels": (N,) as stored}``; shapes are checked
+        later by :mod:`nnpre_detection.metrics.validate`.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"{path}: cannot read prediction JSON ({type(e).__name__}: {e})")
+    return parse_prediction(data, path)
+
+
+def parse_prediction(data, path: str) -> dict:
+    """Convert a parsed prediction JSON object (see :func:`read_prediction`); ``path`` names it in errors."""
+    if not isinstance(data, dict):
+        fail(f"{path}: expected a JSON object with keys {list(PREDICTION_KEYS)}")
+    missing = [k for k in PREDICTION_KEYS if k not in data]
+    if missing:
+        fail(f"{path}: prediction file lacks {missing}; expected keys {list(PREDICTION_KEYS)}")
+    try:
+        boxes = np.asarray(data["boxes"], dtype=np.float32)
+        scores = np.asarray(data["scores"], dtype=np.float32).reshape(-1)
+        labels = np.asarray(data["labels"])
+    except (TypeError, ValueError) as e:
+        fail(f"{path}: boxes/scores/labels must be numeric lists ({e})")
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 6)
+    if labels.size == 0:
+        labels = labels.reshape(0).astype(np.int64)
+    return {"boxes": boxes, "scores": scores, "labels": labels.reshape(-1)}
+
+
+def load_predictions(folder: str) -> dict[str, dict]:
+    """Load every ``<case>.json`` prediction file of a folder.
+
+    Args:
+        folder: prediction folder.
+
+    Returns:
+        ``{case_id: {"boxes", "scores", "labels"}}`` sorted by case id (case id = file name without
+        ``.json``; a ``"case"`` entry, if present, must agree).
+    """
+    if not os.path.isdir(folder):
+        fail(f"prediction folder {folder} does not exist")
+    out: dict[str, dict] = {}
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                head = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"{path}: cannot read JSON ({type(e).__name__}: {e})")
+        if not isinstance(head, dict) or not any(k in head for k in PREDICTION_KEYS):
+            continue  # not a prediction file (e.g. a summary)
+        case = name[: -len(".json")]
+        if "case" in head and str(head["case"]) != case:
+            fail(f"{path}: file name says case {case!r} but the file says {head['case']!r}; rename one")
+        out[case] = parse_prediction(head, path)
+    if not out:
+        fail(f"{folder}: no prediction files (<case>.json with boxes/scores/labels) found")
+    return out

@@ -1,0 +1,306 @@
+"""The fine-tuning schedule as data: stages, the parameter groups they train, and their LR rules.
+
+Default (:func:`default_schedule`, the DKFZ recipe; pretraining.md §2.3 ``PretrainedTrainer`` and
+``PretrainedTrainer_sawtooth``, §4):
+
+========  ===========================  ===============================================  ======================
+stage     iterations                   trains                                           LR (peak 1e-3)
+========  ===========================  ===============================================  ======================
+warmup    first 5 % of all iterations  decoder + seg heads (+ the stem if remapped)     linear warm-up over the
+                                                                                        first half, poly decay
+                                                                                        over the second half
+finetune  the remaining 95 %           the whole network                                linear warm-up over 5 %
+                                                                                        of all iterations, then
+                                                                                        poly decay (exp. 0.9)
+========  ===========================  ===============================================  ======================
+
+SGD, momentum 0.99, Nesterov, weight decay 3e-5 (nnU-Net defaults). From scratch: one stage, the whole
+network, lr 1e-2, poly decay from the first iteration (nnU-Net's default schedule).
+
+Everything is per **iteration** (nnU-Net steps its LR per epoch; 5 % of 1000 epochs × 250 iterations
+is the same 12 500 iterations). Linear warm-up over W iterations is ``lr(t) = peak · (t + 1) / W``
+(nnU-Net ``Lin_incr_LRScheduler``); poly decay after an offset W in a stage of length L is
+``peak · (1 − (t − W) / (L − W))^0.9`` (``PolyLRScheduler_offset``), t counted from the stage start.
+
+Parameter groups are selected **by name** (:func:`parameter_groups`), never with
+``network.decoder.parameters()``, which in dynamic-network-architectures includes the whole encoder
+through ``decoder.encoder``. Frozen parameters must be kept out of the optimizer and have
+``requires_grad=False`` (:func:`apply_stage`), so weight decay and momentum cannot move them.
+
+This module holds no trainer code; trainers call :meth:`FinetuneSchedule.stage_at`,
+:meth:`FinetuneSchedule.lr_at` and :func:`apply_stage` every iteration.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from torch import nn
+
+#: Parameter group names produced by :func:`parameter_groups`.
+GROUPS = ("encoder", "stem", "decoder", "heads", "other")
+ALL_GROUPS = GROUPS
+Span = Union[int, float, None]  # int = iteration count, float = fraction of all iterations, None = the rest
+
+
+def resolve_span(span: Span, total_iterations: int, what: str) -> Optional[int]:
+    """An iteration count for ``span`` (float → round-half-up of fraction × total; int → itself)."""
+    if span is None:
+        return None
+    if isinstance(span, bool):
+        raise ValueError(f"{what}: expected a fraction (float) or an iteration count (int), got {span!r}")
+    if isinstance(span, float):
+        if not 0.0 <= span <= 1.0:
+            raise ValueError(f"{what}: a fraction must lie in [0, 1], got {span}")
+        return int(math.floor(span * total_iterations + 0.5))
+    if isinstance(span, int):
+        if span < 0:
+            raise ValueError(f"{what}: an iteration count must be >= 0, got {span}")
+        return span
+    raise ValueError(f"{what}: expected a fraction (float) or an iteration count (int), got {span!r}")
+
+
+@dataclass(frozen=True)
+class LRRule:
+    """LR inside one stage.
+
+    Attributes:
+        peak_lr: LR reached after the warm-up; None → the schedule's ``base_lr``.
+        warmup: warm-up length: float = fraction of *all* training iterations, int = iterations, 0 = none.
+            Capped at the stage length.
+        decay: "poly" (``(1 − progress)^exponent`` after the warm-up) or "constant".
+        exponent: poly exponent (nnU-Net: 0.9).
+    """
+
+    peak_lr: Optional[float] = None
+    warmup: Span = 0
+    decay: str = "poly"
+    exponent: float = 0.9
+
+    def __post_init__(self):
+        if self.decay not in ("poly", "constant"):
+            raise ValueError(f"LRRule.decay must be 'poly' or 'constant', got {self.decay!r}")
+        if self.peak_lr is not None and self.peak_lr <= 0:
+            raise ValueError(f"LRRule.peak_lr must be > 0, got {self.peak_lr}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of fine-tuning.
+
+    Attributes:
+        name: label (logged; used to rebuild the optimizer on resume).
+        length: float = fraction of all iterations, int = iteration count, None = all remaining
+            iterations (only the last stage).
+        trains: parameter group names (see :data:`GROUPS`) whose parameters are trainable.
+        lr: the stage's :class:`LRRule`.
+    """
+
+    name: str
+    length: Span
+    trains: Tuple[str, ...]
+    lr: LRRule = field(default_factory=LRRule)
+
+    def __post_init__(self):
+        unknown = [g for g in self.trains if g not in GROUPS]
+        if unknown:
+            raise ValueError(f"stage {self.name!r}: unknown parameter groups {unknown}; known: {list(GROUPS)}")
+        object.__setattr__(self, "trains", tuple(self.trains))
+
+
+@dataclass(frozen=True)
+class FinetuneSchedule:
+    """Stages over ``total_iterations`` plus the SGD settings (pure data; no state).
+
+    Attributes:
+        stages: the stages in order.
+        total_iterations: all training iterations (epochs × iterations per epoch).
+        base_lr: peak LR of rules with ``peak_lr=None`` (1e-3 with pretrained weights, 1e-2 from scratch).
+        momentum / nesterov / weight_decay: SGD settings (nnU-Net: 0.99, True, 3e-5).
+    """
+
+    stages: Tuple[Stage, ...]
+    total_iterations: int
+    base_lr: float = 1e-3
+    momentum: float = 0.99
+    nesterov: bool = True
+    weight_decay: float = 3e-5
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if self.total_iterations < 1:
+            raise ValueError(f"total_iterations must be >= 1, got {self.total_iterations}")
+        if not self.stages:
+            raise ValueError("a schedule needs at least one stage")
+        if any(s.length is None for s in self.stages[:-1]):
+            raise ValueError("only the last stage may have length None (the remaining iterations)")
+        self.boundaries()  # validates the lengths
+
+    # ------------------------------------------------------------------ stage bookkeeping
+    def boundaries(self) -> List[Tuple[int, int]]:
+        """[start, end) iteration of every stage. Fractions are rounded half up; the last stage ends at
+        ``total_iterations`` when its length is None."""
+        out, start = [], 0
+        for i, s in enumerate(self.stages):
+            n = resolve_span(s.length, self.total_iterations, f"stage {s.name!r} length")
+            end = self.total_iterations if n is None else start + n
+            if end > self.total_iterations:
+                raise ValueError(f"stages exceed total_iterations ({end} > {self.total_iterations})")
+            out.append((start, end))
+            start = end
+        if start != self.total_iterations:
+            raise ValueError(f"stages cover {start} of {self.total_iterations} iterations; give the last stage "
+                             f"length=None to take the rest")
+        return out
+
+    def stage_at(self, iteration: int) -> Tuple[int, Stage]:
+        """(index, stage) active at 0-based ``iteration``; iterations past the end belong to the last stage."""
+        if iteration < 0:
+            raise ValueError(f"iteration must be >= 0, got {iteration}")
+        bounds = self.boundaries()
+        for i, (a, b) in enumerate(bounds):
+            if a <= iteration < b:
+                return i, self.stages[i]
+        return len(self.stages) - 1, self.stages[-1]
+
+    def lr_at(self, iteration: int) -> float:
+        """LR at 0-based ``iteration`` (see the module docstring for the formulas)."""
+        idx, stage = self.stage_at(iteration)
+        start, end = self.boundaries()[idx]
+        length = max(end - start, 1)
+        t = iteration - start
+        peak = stage.lr.peak_lr if stage.lr.peak_lr is not None else self.base_lr
+        w = min(resolve_span(stage.lr.warmup, self.total_iterations, f"stage {stage.name!r} warmup") or 0, length)
+        if t < w:
+            return peak * (t + 1) / w
+        if stage.lr.decay == "constant":
+            return peak
+        progress = min(max((t - w) / max(length - w, 1), 0.0), 1.0)
+        return peak * (1.0 - progress) ** stage.lr.exponent
+
+    def stage_names(self) -> List[str]:
+        return [s.name for s in self.stages]
+
+    def trainable_names(self, stage: Stage | int, groups: Dict[str, List[Tuple[str, nn.Parameter]]]) -> List[str]:
+        """Names of the parameters ``stage`` trains, given :func:`parameter_groups` output."""
+        stage = self.stages[stage] if isinstance(stage, int) else stage
+        return [n for g in stage.trains for n, _ in groups.get(g, [])]
+
+    def optimizer_kwargs(self, iteration: int = 0) -> Dict[str, Any]:
+        """Keyword arguments for ``torch.optim.SGD`` at ``iteration``."""
+        return {"lr": self.lr_at(iteration), "momentum": self.momentum, "nesterov": self.nesterov,
+                "weight_decay": self.weight_decay}
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["stages"] = [{**asdict(s), "trains": list(s.trains)} for s in self.stages]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "FinetuneSchedule":
+        stages = tuple(Stage(name=s["name"], length=s["length"], trains=tuple(s["trains"]), lr=LRRule(**s["lr"]))
+                       for s in d["stages"])
+        return cls(stages=stages, **{k: v for k, v in d.items() if k != "stages"})
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+#: Default recipe numbers (pretraining.md §2.3): 5 % decoder-first stage, lr 1e-3 pretrained / 1e-2 scratch.
+DKFZ_WARMUP_FRACTION = 0.05
+PRETRAINED_LR = 1e-3
+SCRATCH_LR = 1e-2
+
+
+def default_schedule(total_iterations: int, pretrained: bool = True, base_lr: Optional[float] = None,
+                     warmup_fraction: float = DKFZ_WARMUP_FRACTION) -> FinetuneSchedule:
+    """The DKFZ fine-tuning recipe (pretrained) or nnU-Net's from-scratch schedule.
+
+    Args:
+        total_iterations: epochs × iterations per epoch (nnU-Net: 1000 × 250).
+        pretrained: two stages (decoder-first, then whole network) when True; one whole-network stage
+            with poly decay otherwise.
+        base_lr: peak LR; default 1e-3 pretrained, 1e-2 from scratch.
+        warmup_fraction: length of the decoder-only stage and of the whole-network warm-up (0.05).
+    """
+    if not pretrained:
+        return FinetuneSchedule(stages=(Stage("scratch", None, ALL_GROUPS, LRRule(warmup=0)),),
+                                total_iterations=total_iterations,
+                                base_lr=SCRATCH_LR if base_lr is None else base_lr)
+    return FinetuneSchedule(
+        stages=(
+            Stage("decoder_warmup", float(warmup_fraction), ("decoder", "heads", "stem"),
+                  LRRule(warmup=float(warmup_fraction) / 2)),
+            Stage("whole_network", None, ALL_GROUPS, LRRule(warmup=float(warmup_fraction))),
+        ),
+        total_iterations=total_iterations,
+        base_lr=PRETRAINED_LR if base_lr is None else base_lr,
+    )
+
+
+SCHEDULES = {
+    "dkfz": lambda total, **kw: default_schedule(total, pretrained=True, **kw),
+    "scratch": lambda total, **kw: default_schedule(total, pretrained=False, **kw),
+}
+
+
+def get_schedule(name: str, total_iterations: int, **overrides) -> FinetuneSchedule:
+    """Registry lookup: ``dkfz`` (pretrained default) or ``scratch``."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown fine-tuning schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name](total_iterations, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+def parameter_groups(network: nn.Module, remapped_stem: bool) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
+    """Partition the network's parameters by name into :data:`GROUPS`.
+
+    - ``encoder``: names under ``encoder.`` (the stem too, unless ``remapped_stem``);
+    - ``stem``: the stem (``network.key_to_stem``, default ``encoder.stem``) if ``remapped_stem``, else empty;
+    - ``decoder``: names starting ``decoder.`` but not ``decoder.encoder.`` and not ``decoder.seg_layers.``;
+    - ``heads``: ``decoder.seg_layers.``;
+    - ``other``: anything else (pretext-only modules).
+
+    Each tensor appears once, under its first name outside ``decoder.encoder.*`` (shared tensors and
+    ``all_modules`` aliases are deduplicated by identity).
+    """
+    net = network
+    for attr in ("module", "_orig_mod"):  # DDP / torch.compile wrappers
+        while isinstance(getattr(net, attr, None), nn.Module):
+            net = getattr(net, attr)
+    stem = str(getattr(net, "key_to_stem", "encoder.stem")) + "."
+    names_by_id: Dict[int, List[str]] = {}
+    params: Dict[int, nn.Parameter] = {}
+    for name, p in net.named_parameters(remove_duplicate=False):
+        names_by_id.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {g: [] for g in GROUPS}
+    for pid, names in names_by_id.items():
+        canonical = next((n for n in names if not n.startswith("decoder.encoder.")), None)
+        if canonical is None:  # only reachable through the decoder's view: it is an encoder tensor
+            canonical = names[0][len("decoder."):]
+        if canonical.startswith("encoder."):
+            group = "stem" if remapped_stem and canonical.startswith(stem) else "encoder"
+        elif canonical.startswith("decoder.seg_layers."):
+            group = "heads"
+        elif canonical.startswith("decoder."):
+            group = "decoder"
+        else:
+            group = "other"
+        groups[group].append((canonical, params[pid]))
+    return groups
+
+
+def apply_stage(groups: Dict[str, List[Tuple[str, nn.Parameter]]], stage: Stage) -> List[nn.Parameter]:
+    """Set ``requires_grad`` for ``stage`` (True for its groups, False elsewhere) and return the trainable
+    parameters — pass exactly these to the optimizer so frozen tensors see no weight decay or momentum."""
+    trainable: List[nn.Parameter] = []
+    for g, items in groups.items():
+        on = g in stage.trains
+        for _, p in items:
+            p.requires_grad_(on)
+            if on:
+                trainable.append(p)
+            else:
+                p.grad = None
+    return trainable

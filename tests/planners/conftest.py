@@ -1,0 +1,47 @@
+"""Tiny raw datasets written on the fly for planner tests (a few seconds each)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+
+def write_raw_dataset(root, did=1, n_cases=3, channels=1, labelled=True, shape=(20, 48, 48),
+                      spacing=(0.8, 0.8, 2.5), name="T"):
+    """Write Dataset{did}_{name} with ellipsoid 'lesions'; shape is (Z, Y, X), spacing (x, y, z) in mm."""
+    d = os.path.join(root, "nnUNet_raw", f"Dataset{did:03d}_{name}")
+    os.makedirs(os.path.join(d, "imagesTr"), exist_ok=True)
+    if labelled:
+        os.makedirs(os.path.join(d, "labelsTr"), exist_ok=True)
+    rng = np.random.default_rng(did)
+    for i in range(n_cases):
+        sz = (shape[0] + i if shape[0] > 1 else 1, shape[1], shape[2])
+        zz, yy, xx = np.ogrid[: sz[0], : sz[1], : sz[2]]
+        lab = (((zz - sz[0] / 2) ** 2 / max(1, (sz[0] / 4) ** 2) + (yy - sz[1] / 2) ** 2 / 64
+                + (xx - sz[2] / 2) ** 2 / 64) < 1).astype(np.uint8)
+        img = rng.normal(0, 1, sz).astype(np.float32) + 3 * lab
+        for c in range(channels):
+            im = sitk.GetImageFromArray(img * (1 + c))
+            im.SetSpacing(spacing)
+            sitk.WriteImage(im, os.path.join(d, "imagesTr", f"c{i:03d}_{c:04d}.nii.gz"))
+        if labelled:
+            lb = sitk.GetImageFromArray(lab)
+            lb.SetSpacing(spacing)
+            sitk.WriteImage(lb, os.path.join(d, "labelsTr", f"c{i:03d}.nii.gz"))
+    dj = {"channel_names": {str(c): ("CT" if c == 0 else f"CT{c}") for c in range(channels)},
+          "labels": {"background": 0, "lesion": 1} if labelled else {"background": 0},
+          "numTraining": n_cases, "file_ending": ".nii.gz"}
+    with open(os.path.join(d, "dataset.json"), "w") as f:
+        json.dump(dj, f)
+    return d
+
+
+@pytest.fixture
+def nnunet_root(tmp_path, monkeypatch):
+    """An empty nnU-Net folder triple with the environment variables pointing at it."""
+    for n in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.makedirs(tmp_path / n)
+        monkeypatch.setenv(n, str(tmp_path / n))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    return tmp_path

@@ -189,7 +189,7 @@ def _boxes_from_nndet_label(label_file: str) -> dict:
     return {"boxes": boxes, "classes": classes}
 
 
-def _boxes_from_semantic_label(label_file: str, min_size: int) -> dict:
+def _boxes_from_semantic_label(label_file: str, min_size: int, classes: Sequence[int] | None) -> dict:
     import SimpleITK as sitk
 
     try:
@@ -204,7 +204,7 @@ def _boxes_from_semantic_label(label_file: str, min_size: int) -> dict:
         arr = arr.astype(np.int64)
     if arr.size and arr.min() < 0:
         fail(f"{label_file}: label map holds negative values (nnU-Net labels are 0 = background, 1..K)")
-    instances, mapping = semantic_to_instances(arr, min_size=min_size)
+    instances, mapping = semantic_to_instances(arr, classes=classes, min_size=min_size)
     boxes, ids = boxes_from_instances(instances)
     classes = np.array([mapping[int(i)] for i in ids], dtype=np.int64)
     return {"boxes": boxes, "classes": classes}
@@ -222,7 +222,8 @@ def _boxes_from_npz(npz_file: str) -> dict:
     return {"boxes": boxes, "classes": classes}
 
 
-def load_ground_truth(gt_folder: str, min_size: int = 0) -> dict[str, dict]:
+def load_ground_truth(gt_folder: str, min_size: int = 0,
+                      semantic_classes: Sequence[int] | None = None) -> dict[str, dict]:
     """Load ground-truth boxes of every case in a folder.
 
     The layout is detected automatically:
@@ -233,6 +234,8 @@ def load_ground_truth(gt_folder: str, min_size: int = 0) -> dict[str, dict]:
     Args:
         gt_folder: folder holding the label files.
         min_size: for semantic labels only: components with fewer voxels are dropped (default 0).
+        semantic_classes: for semantic labels only: label values to convert (default every nonzero value;
+            pass the foreground labels of dataset.json to leave an ignore label out).
 
     Returns:
         ``{case_id: {"boxes": (N, 6) float32 nnDetection layout, "classes": (N,) int64 (>= 0)}}``,
@@ -269,5 +272,5 @@ def load_ground_truth(gt_folder: str, min_size: int = 0) -> dict[str, dict]:
             out[case] = _boxes_from_nndet_label(os.path.join(gt_folder, name))
     else:
         for case, name in sorted(images.items()):
-            out[case] = _boxes_from_semantic_label(os.path.join(gt_folder, name), min_size)
+            out[case] = _boxes_from_semantic_label(os.path.join(gt_folder, name), min_size, semantic_classes)
     return out

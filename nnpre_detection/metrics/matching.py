@@ -22,8 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
+from nnpre.errors import fail
 from nnpre_detection.metrics.iou import box_iou_pairs
-from nnpre_detection.metrics.validate import check_ground_truth, check_prediction
+from nnpre_detection.metrics.validate import as_boxes, check_ground_truth, check_prediction
 
 #: nnDetection evaluates at most this many detections per case and class (README: hard limit).
 MAX_DETECTIONS = 100
@@ -83,15 +84,36 @@ def _ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(starts - offsets, counts) + np.arange(total, dtype=np.int64)
 
 
-def _flatten(arrays: Sequence[np.ndarray], dtype=None) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
-    case = np.repeat(np.arange(len(arrays), dtype=np.int64), lengths)
+def _case_arrays(boxes: Sequence, values: Sequence[Sequence], names: Sequence[str], kind: str):
+    """Per case: boxes as (N, 6) arrays and 1D value arrays of matching length (cheap checks only)."""
+    out_boxes, out_values = [], [[] for _ in values]
+    for i in range(len(boxes)):
+        b = as_boxes(boxes[i], f"{names[i]} {kind}")
+        out_boxes.append(b)
+        for j, vals in enumerate(values):
+            v = np.asarray(vals[i]).reshape(-1)
+            if len(v) != len(b):
+                fail(f"{names[i]} {kind}: {len(b)} boxes but {len(v)} scores/classes")
+            out_values[j].append(v)
+    return out_boxes, out_values
+
+
+def _concat(arrays: list[np.ndarray], empty_shape: tuple, dtype) -> np.ndarray:
     nonempty = [a for a in arrays if len(a)]
-    if nonempty:
-        flat = np.concatenate(nonempty)
-    else:
-        flat = np.zeros((0,) + tuple(np.shape(arrays[0])[1:]) if arrays else (0,), dtype=dtype or np.float64)
-    return flat, case
+    return np.concatenate(nonempty) if nonempty else np.zeros(empty_shape, dtype=dtype)
+
+
+def _row_namer(names: Sequence[str], lengths: np.ndarray, kind: str):
+    ends = np.cumsum(lengths)
+
+    def where(row):
+        if row is None:
+            return f"{kind}"
+        case = int(np.searchsorted(ends, row, side="right"))
+        local = row - (ends[case] - lengths[case])
+        return f"{names[case]} {kind} #{local}"
+
+    return where
 
 
 def match_cases(
@@ -103,6 +125,7 @@ def match_cases(
     iou_thresholds: Sequence[float],
     max_detections: int = MAX_DETECTIONS,
     num_classes: int | None = None,
+    case_ids: Sequence[str] | None = None,
     validate: bool = True,
 ) -> MatchResult:
     """Match detections to ground truth for every case, class and IoU threshold.
@@ -113,92 +136,93 @@ def match_cases(
         pred_classes: per case (D_i,) class ids (>= 0).
         gt_boxes: per case (G_i, 6) boxes, same layout.
         gt_classes: per case (G_i,) class ids.
-        iou_thresholds: IoU thresholds; each is matched independently.
+        iou_thresholds: IoU thresholds (> 0); each is matched independently.
         max_detections: detections kept per case and class (nnDetection: 100).
         num_classes: if given, class ids must be < num_classes.
+        case_ids: case names for error messages (default ``case <index>``).
         validate: check the inputs (see :mod:`nnpre_detection.metrics.validate`).
 
     Returns:
-        :class:`MatchResult`.
+        :class:`MatchResult`. Case order is the input order (it decides score ties in AP).
     """
     n_cases = len(pred_boxes)
     if not (len(pred_scores) == len(pred_classes) == len(gt_boxes) == len(gt_classes) == n_cases):
         raise ValueError("pred_boxes, pred_scores, pred_classes, gt_boxes and gt_classes need one entry per case")
-    pb, ps, pl, gb, gl = [], [], [], [], []
-    for i in range(n_cases):
-        if validate:
-            b, s, c = check_prediction(pred_boxes[i], pred_scores[i], pred_classes[i], num_classes, f"case {i}")
-            g, gc = check_ground_truth(gt_boxes[i], gt_classes[i], num_classes, f"case {i} ground truth")
-        else:
-            b, s, c = np.asarray(pred_boxes[i]).reshape(-1, 6), np.asarray(pred_scores[i]).reshape(-1), \
-                np.asarray(pred_classes[i]).reshape(-1).astype(np.int64)
-            g, gc = np.asarray(gt_boxes[i]).reshape(-1, 6), np.asarray(gt_classes[i]).reshape(-1).astype(np.int64)
-        pb.append(b), ps.append(s), pl.append(c), gb.append(g), gl.append(gc)
-
+    names = [f"case {i}" for i in range(n_cases)] if case_ids is None else [str(c) for c in case_ids]
     thresholds = np.asarray(list(iou_thresholds), dtype=np.float64).reshape(-1)
+    if thresholds.size == 0 or not np.all(thresholds > 0):
+        raise ValueError(f"IoU thresholds must be > 0, got {thresholds.tolist()}")
     n_thr = len(thresholds)
 
-    # ---- detections: order by (case, class, score desc [stable]) and keep the top max_detections
-    det_box, det_case = _flatten(pb)
-    det_score, _ = _flatten(ps)
-    det_class, _ = _flatten(pl)
+    pb, (ps, pl) = _case_arrays(pred_boxes, (pred_scores, pred_classes), names, "predictions")
+    gb, (gl,) = _case_arrays(gt_boxes, (gt_classes,), names, "ground truth")
+    p_len = np.array([len(b) for b in pb], dtype=np.int64)
+    g_len = np.array([len(b) for b in gb], dtype=np.int64)
+    det_box = _concat(pb, (0, 6), np.float32)
+    det_score = _concat(ps, (0,), np.float32)
+    det_class = _concat(pl, (0,), np.int64)
+    gt_box = _concat(gb, (0, 6), np.float64)
+    gt_class = _concat(gl, (0,), np.int64)
+    if validate:
+        det_box, det_score, det_class = check_prediction(det_box, det_score, det_class, num_classes,
+                                                         _row_namer(names, p_len, "prediction"))
+        gt_box, gt_class = check_ground_truth(gt_box, gt_class, num_classes,
+                                              _row_namer(names, g_len, "ground truth"))
     det_class = det_class.astype(np.int64)
-    det_local = _ragged_arange(np.zeros(n_cases, dtype=np.int64), np.array([len(s) for s in ps], dtype=np.int64))
+    gt_class = gt_class.astype(np.int64)
+    det_case = np.repeat(np.arange(n_cases, dtype=np.int64), p_len)
+    gt_case = np.repeat(np.arange(n_cases, dtype=np.int64), g_len)
+    det_local = _ragged_arange(np.zeros(n_cases, dtype=np.int64), p_len)
+    gt_local = _ragged_arange(np.zeros(n_cases, dtype=np.int64), g_len)
+
+    # ---- detections: order by (case, class) group, then score descending; stable = ties keep input order
+    n_key = int(max(det_class.max(initial=-1), gt_class.max(initial=-1))) + 1
     order = np.argsort(-det_score, kind="stable")
-    order = order[np.argsort(det_class[order], kind="stable")]
-    order = order[np.argsort(det_case[order], kind="stable")]
-    n_cls_key = int(max(det_class.max(initial=-1), max((int(c.max()) for c in gl if c.size), default=-1))) + 1
-    key = det_case[order] * n_cls_key + det_class[order]
+    key = det_case[order] * n_key + det_class[order]
+    sub = np.argsort(key, kind="stable")
+    order, key = order[sub], key[sub]
     starts = _segment_starts(key)
-    counts = np.diff(np.r_[starts, len(key)])
-    rank = np.arange(len(key), dtype=np.int64) - np.repeat(starts, counts)
-    keep = rank < max_detections
+    rank = np.arange(len(key), dtype=np.int64) - np.repeat(starts, np.diff(np.r_[starts, len(key)]))
+    keep = rank < max_detections  # nnDetection truncates to the top max_detections before matching
     order, rank, key = order[keep], rank[keep], key[keep]
     det_box, det_case, det_class = det_box[order], det_case[order], det_class[order]
     det_score, det_local = det_score[order], det_local[order]
 
-    # ---- ground truth: order by (case, class), input order within a group
-    gt_box, gt_case = _flatten(gb)
-    gt_class, _ = _flatten(gl)
-    gt_class = gt_class.astype(np.int64)
-    gt_local = _ragged_arange(np.zeros(n_cases, dtype=np.int64), np.array([len(c) for c in gl], dtype=np.int64))
-    g_order = np.argsort(gt_class, kind="stable")
-    g_order = g_order[np.argsort(gt_case[g_order], kind="stable")]
-    gt_box, gt_case, gt_class, gt_local = gt_box[g_order], gt_case[g_order], gt_class[g_order], gt_local[g_order]
-    gt_key = gt_case * n_cls_key + gt_class
+    # ---- ground truth: order by (case, class) group, input order within a group (matters for IoU ties)
+    gt_key = gt_case * n_key + gt_class
+    g_order = np.argsort(gt_key, kind="stable")
+    gt_box, gt_case, gt_class, gt_local, gt_key = (a[g_order] for a in (gt_box, gt_case, gt_class, gt_local, gt_key))
 
     det_matched = np.zeros((n_thr, len(det_case)), dtype=bool)
     gt_matched = np.zeros((n_thr, len(gt_case)), dtype=bool)
 
     # ---- candidate pairs (detection, ground truth of the same case and class)
     g_lo = np.searchsorted(gt_key, key, side="left")
-    g_hi = np.searchsorted(gt_key, key, side="right")
-    n_pairs = g_hi - g_lo
+    n_pairs = np.searchsorted(gt_key, key, side="right") - g_lo
     pair_det = np.repeat(np.arange(len(key), dtype=np.int64), n_pairs)
     pair_gt = _ragged_arange(g_lo, n_pairs)
+    pair_iou = box_iou_pairs(det_box[pair_det], gt_box[pair_gt]) if len(pair_det) else np.zeros(0)
+    # nnDetection starts its search at min(t, 1 - 1e-10) and accepts IoU >= that value; a pair below the
+    # smallest start can never match, so it is dropped (this only removes work, not matches)
+    start = np.minimum(thresholds, 1 - 1e-10)
+    possible = pair_iou >= start.min()
+    pair_det, pair_gt, pair_iou = pair_det[possible], pair_gt[possible], pair_iou[possible]
     if len(pair_det):
-        pair_iou = box_iou_pairs(det_box[pair_det], gt_box[pair_gt])
-        # regroup pairs by detection rank: the greedy order across a group is the rank order
+        # the greedy order within every group is the rank order: process all groups rank by rank
         p_order = np.argsort(rank[pair_det], kind="stable")
         pair_det, pair_gt, pair_iou = pair_det[p_order], pair_gt[p_order], pair_iou[p_order]
         pair_rank = rank[pair_det]
-        # nnDetection starts its search at min(t, 1 - 1e-10) and accepts IoU >= that value
-        start = np.minimum(thresholds, 1 - 1e-10)[:, None]
-        bounds = np.searchsorted(pair_rank, np.arange(int(pair_rank.max()) + 2), side="left")
-        for r in range(len(bounds) - 1):
-            lo, hi = bounds[r], bounds[r + 1]
-            if lo == hi:
-                continue
+        bounds = np.flatnonzero(np.r_[True, pair_rank[1:] != pair_rank[:-1], True])
+        start = start[:, None]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
             p_det, p_gt, p_iou = pair_det[lo:hi], pair_gt[lo:hi], pair_iou[lo:hi]
-            seg = _segment_starts(p_det)
-            seg_len = np.diff(np.r_[seg, len(p_det)])
+            seg = _segment_starts(p_det)  # one segment per detection (one detection per group and rank)
             valid = ~gt_matched[:, p_gt] & (p_iou[None, :] >= start)  # (T, P)
             score = np.where(valid, p_iou[None, :], -np.inf)
             best_iou = np.maximum.reduceat(score, seg, axis=1)  # (T, S)
-            # ties: the later ground truth wins -> take the largest position holding the maximum
-            pos = np.where(valid & (score == np.repeat(best_iou, seg_len, axis=1)),
-                           np.arange(len(p_det))[None, :], -1)
-            best = np.maximum.reduceat(pos, seg, axis=1)  # (T, S), -1 = unmatched
+            # IoU ties: the later ground truth wins -> the largest position holding the maximum
+            is_best = valid & (score == np.repeat(best_iou, np.diff(np.r_[seg, len(p_det)]), axis=1))
+            best = np.maximum.reduceat(np.where(is_best, np.arange(len(p_det))[None, :], -1), seg, axis=1)
             t_idx, s_idx = np.nonzero(best >= 0)
             chosen = best[t_idx, s_idx]
             det_matched[t_idx, p_det[chosen]] = True

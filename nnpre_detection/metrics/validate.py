@@ -7,65 +7,75 @@ Rules (never a silently wrong number):
     * scores must be finite and in [0, 1];
     * class ids must be integers in ``[0, num_classes)`` (nnDetection classes start at 0);
     * boxes, scores and labels of one case must have the same length.
+
+Checks are vectorised: they run once on the rows of all cases concatenated; ``where`` then is a function
+that names the case (and row within it) of an offending flat row.
 """
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
 from nnpre.errors import fail
 
-#: Names the source of an error: a fixed text (a file) or a function row index -> text (flattened cases).
-Where = Union[str, Callable[[int], str]]
+#: Names the source of an error: a fixed text (a file or case), or a function ``flat_row -> text``.
+Where = Union[str, Callable[[Optional[int]], str]]
 
 
-def _at(where: Where, row: int) -> str:
-    return where(row) if callable(where) else where
+def _at(where: Where, row: int | None = None) -> str:
+    if callable(where):
+        return where(row)
+    return where if row is None else f"{where}, entry {row}"
 
 
-def _as_boxes(boxes, where: Where) -> np.ndarray:
+def as_boxes(boxes, where: Where) -> np.ndarray:
+    """Return ``boxes`` as an (N, 6) real array (empty input -> (0, 6)); error on any other shape."""
     arr = np.asarray(boxes)
     if arr.size == 0:
-        return arr.reshape(0, 6)
+        return arr.reshape(0, 6) if np.issubdtype(arr.dtype, np.number) else np.zeros((0, 6), np.float32)
     if arr.ndim != 2 or arr.shape[1] != 6:
-        fail(f"{_at(where, 0)}: boxes must have shape (N, 6) in layout (a0_1, a1_1, a0_2, a1_2, a2_1, a2_2), "
+        fail(f"{_at(where)}: boxes must have shape (N, 6) in layout (a0_1, a1_1, a0_2, a1_2, a2_1, a2_2), "
              f"got {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-        fail(f"{_at(where, 0)}: boxes must be real numbers, got dtype {arr.dtype}")
+        fail(f"{_at(where)}: boxes must be real numbers, got dtype {arr.dtype}")
     return arr
 
 
 def _check_extent(boxes: np.ndarray, where: Where, strict: bool) -> None:
     if boxes.size == 0:
         return
-    if not np.all(np.isfinite(boxes)):
-        row = int(np.flatnonzero(~np.all(np.isfinite(boxes), axis=1))[0])
-        fail(f"{_at(where, row)}: box {row} has a non-finite coordinate {boxes[row].tolist()}")
+    finite = np.isfinite(boxes).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        fail(f"{_at(where, row)}: box {boxes[row].tolist()} has a non-finite coordinate")
     ext = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1], boxes[:, 5] - boxes[:, 4]], axis=1)
-    bad = np.any(ext < 0, axis=1)
-    if np.any(bad):
+    bad = (ext < 0).any(axis=1)
+    if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        fail(f"{_at(where, row)}: box {row} {boxes[row].tolist()} has negative extent; expected layout "
+        fail(f"{_at(where, row)}: box {boxes[row].tolist()} has negative extent; expected layout "
              f"(a0_1, a1_1, a0_2, a1_2, a2_1, a2_2) with upper >= lower (MONAI xyzxyz boxes need columns "
              f"[0, 1, 3, 4, 2, 5])")
     if strict:
-        flat = np.any(ext <= 0, axis=1)
-        if np.any(flat):
+        flat = (ext <= 0).any(axis=1)
+        if flat.any():
             row = int(np.flatnonzero(flat)[0])
-            fail(f"{_at(where, row)}: ground-truth box {row} {boxes[row].tolist()} has zero volume and can never be matched")
+            fail(f"{_at(where, row)}: ground-truth box {boxes[row].tolist()} has zero volume and can never be "
+                 f"matched")
 
 
 def _check_classes(classes, n: int, num_classes: int | None, where: Where, what: str) -> np.ndarray:
-    arr = np.asarray(classes).reshape(-1) if np.size(classes) else np.zeros(0, dtype=np.int64)
+    arr = np.asarray(classes).reshape(-1)
     if len(arr) != n:
-        fail(f"{_at(where, 0)}: {n} boxes but {len(arr)} {what}")
+        fail(f"{_at(where)}: {n} boxes but {len(arr)} {what}")
     if arr.size == 0:
-        return arr.astype(np.int64)
+        return np.zeros(0, dtype=np.int64)
     if not np.issubdtype(arr.dtype, np.integer):
-        if not (np.issubdtype(arr.dtype, np.number) and np.all(np.isfinite(arr)) and np.all(np.mod(arr, 1) == 0)):
-            bad = ~(np.isfinite(arr) & (np.mod(arr, 1) == 0)) if np.issubdtype(arr.dtype, np.number) else None
-            row = int(np.flatnonzero(bad)[0]) if bad is not None and bad.any() else 0
+        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+            fail(f"{_at(where)}: {what} must be integer class ids, got dtype {arr.dtype}")
+        bad = ~(np.isfinite(arr) & (np.mod(arr, 1) == 0))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
             fail(f"{_at(where, row)}: {what} must be integer class ids, got {arr[row]!r}")
     arr = arr.astype(np.int64)
     if arr.min() < 0:
@@ -79,7 +89,7 @@ def _check_classes(classes, n: int, num_classes: int | None, where: Where, what:
 
 
 def check_prediction(boxes, scores, labels, num_classes: int | None, where: Where) -> tuple:
-    """Validate one case's predictions.
+    """Validate predictions (one case, or several concatenated).
 
     Args:
         boxes: (N, 6) nnDetection layout.
@@ -87,29 +97,31 @@ def check_prediction(boxes, scores, labels, num_classes: int | None, where: Wher
         labels: (N,) class ids in [0, num_classes).
         num_classes: number of foreground classes, or None to skip the upper-bound check.
         where: text naming the source (file or case) for error messages, or a function of the offending
-            row returning that text (for rows of several cases concatenated).
+            row returning that text.
 
     Returns:
-        (boxes (N, 6), scores (N,), labels (N,) int64) as numpy arrays (input dtypes kept for boxes/scores).
+        (boxes (N, 6), scores (N,), labels (N,) int64) as numpy arrays (box/score dtypes kept).
     """
-    boxes = _as_boxes(boxes, where)
+    boxes = as_boxes(boxes, where)
     _check_extent(boxes, where, strict=False)
-    sc = np.asarray(scores).reshape(-1) if np.size(scores) else np.zeros(0, dtype=np.float32)
+    sc = np.asarray(scores).reshape(-1)
     if len(sc) != len(boxes):
-        fail(f"{_at(where, 0)}: {len(boxes)} boxes but {len(sc)} scores")
+        fail(f"{_at(where)}: {len(boxes)} boxes but {len(sc)} scores")
     if sc.size:
         if not np.issubdtype(sc.dtype, np.number) or np.issubdtype(sc.dtype, np.complexfloating):
-            fail(f"{_at(where, 0)}: scores must be real numbers, got dtype {sc.dtype}")
+            fail(f"{_at(where)}: scores must be real numbers, got dtype {sc.dtype}")
         bad = ~(np.isfinite(sc) & (sc >= 0) & (sc <= 1))
-        if np.any(bad):
+        if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            fail(f"{_at(where, i)}: score {i} is {float(sc[i])!r}; scores must be finite probabilities in [0, 1]")
+            fail(f"{_at(where, i)}: score {float(sc[i])!r} is not a finite probability in [0, 1]")
+    else:
+        sc = sc.astype(np.float32) if not np.issubdtype(sc.dtype, np.floating) else sc
     labels = _check_classes(labels, len(boxes), num_classes, where, "labels")
     return boxes, sc, labels
 
 
 def check_ground_truth(boxes, classes, num_classes: int | None, where: Where) -> tuple:
-    """Validate one case's ground truth (boxes with positive volume, class ids in range).
+    """Validate ground truth (boxes with positive volume, class ids in range).
 
     Args:
         boxes: (G, 6) nnDetection layout.
@@ -120,7 +132,7 @@ def check_ground_truth(boxes, classes, num_classes: int | None, where: Where) ->
     Returns:
         (boxes (G, 6), classes (G,) int64).
     """
-    boxes = _as_boxes(boxes, where)
+    boxes = as_boxes(boxes, where)
     _check_extent(boxes, where, strict=True)
     classes = _check_classes(classes, len(boxes), num_classes, where, "ground-truth classes")
     return boxes, classes

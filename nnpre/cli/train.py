@@ -1,0 +1,119 @@
+"""``nnPre_train``: pretrain, fine-tune or train a detector on a dataset planned with ``nnPre_plan``.
+
+Examples::
+
+    nnPre_train pretrain -d 502 -t mae --preset cpu-tiny
+    nnPre_train finetune -d 501 --pretrained RESULTS/.../checkpoint_final.pth
+    nnPre_train finetune -d 501 --from-scratch --num-train-cases 2
+    nnPre_train detect   -d 501 --pretrained CKPT
+    torchrun --nproc_per_node=2 -m nnpre.cli.train pretrain -d 502 -t mae   # DDP (gloo on CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nnpre.cli._common import add_root_argument, apply_root, cli_entry
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    p.add_argument("-pl", "--plans", default="resenc-l",
+                   help="resenc-l (nnPreResEncLPlans, default), plain (nnPrePlans) or a plans identifier")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-f", "--fold", default=None, help="fold (0-4) or 'all'")
+    p.add_argument("--preset", default=None, help="training length preset (default: the one in the plans)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--iterations", type=int, default=None, help="iterations per epoch")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--c", dest="resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--seed", type=int, default=12345)
+    add_root_argument(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnPre_train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser("pretrain", help="self-supervised pretraining on images only")
+    _common(pre)
+    pre.add_argument("-t", "--task", required=True, help="pretext task: mae, mg (Model Genesis) or diffusion")
+    pre.add_argument("--set", dest="pretext_config", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a pretext hyperparameter, e.g. --set mask_ratio=0.6 (repeatable)")
+    ft = sub.add_parser("finetune", help="segmentation fine-tuning from a pretrained encoder (or from scratch)")
+    _common(ft)
+    g = ft.add_mutually_exclusive_group(required=True)
+    g.add_argument("--pretrained", metavar="CKPT", help="pretrained checkpoint (nnpre, nnssl or nnU-Net)")
+    g.add_argument("--from-scratch", action="store_true", help="same configuration without loading weights")
+    ft.add_argument("--num-train-cases", type=int, default=None, help="use only N labelled training cases")
+    ft.add_argument("--fraction", type=float, default=None, help="use only this fraction of labelled cases")
+    ft.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final sliding-window validation")
+    det = sub.add_parser("detect", help="train a Retina U-Net detector")
+    _common(det)
+    det.add_argument("--pretrained", metavar="CKPT", default=None)
+    det.add_argument("--num-train-cases", type=int, default=None)
+    return p
+
+
+def _parse_value(v: str):
+    import json
+
+    try:
+        return json.loads(v)
+    except ValueError:
+        return v
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_root(args)
+    import torch
+
+    from nnpre.errors import fail
+    from nnpre_trainers.base import ddp_setup_from_env
+    from nnpre_trainers.run import make_trainer, maybe_resume, resolve_plans_name
+
+    torch.manual_seed(args.seed)
+    ddp_setup_from_env()
+    plans = resolve_plans_name(args.plans)
+    common = dict(dataset=args.dataset, plans_name=plans, configuration=args.configuration, device=args.device,
+                  continue_training=args.resume, preset=args.preset, epochs=args.epochs, iterations=args.iterations)
+    if args.command == "pretrain":
+        from nnpre_trainers.aliases import PRETRAIN_TRAINERS
+
+        if args.task not in PRETRAIN_TRAINERS:
+            fail(f"unknown pretext task '{args.task}'; choose one of: mae, mg, diffusion")
+        trainer = make_trainer(PRETRAIN_TRAINERS[args.task], fold=args.fold or "all", **common)
+        overrides = {}
+        for kv in args.pretext_config:
+            if "=" not in kv:
+                fail(f"--set expects KEY=VALUE, got '{kv}'")
+            k, v = kv.split("=", 1)
+            overrides[k] = _parse_value(v)
+        if overrides:
+            trainer.set_pretext(trainer.pretext_name, **overrides)
+        trainer.seed = args.seed
+    elif args.command == "finetune":
+        from nnpre_trainers.finetune_trainer import nnPreFineTuneTrainer
+
+        trainer = make_trainer(nnPreFineTuneTrainer, fold=args.fold or 0, **common)
+        trainer.configure_finetuning(pretrained=args.pretrained, from_scratch=args.from_scratch,
+                                     num_train_cases=args.num_train_cases, fraction=args.fraction)
+    else:
+        from nnpre_detection.trainer import nnPreDetectionTrainer
+
+        trainer = make_trainer(nnPreDetectionTrainer, fold=args.fold or 0, **common)
+        trainer.configure_detection(pretrained=args.pretrained, num_train_cases=args.num_train_cases)
+    if args.resume:
+        maybe_resume(trainer)
+    trainer.run_training()
+    if args.command == "finetune" and not args.no_validation:
+        trainer.perform_actual_validation(False)
+    if trainer.local_rank == 0:
+        print(f"done: {trainer.output_folder}")
+    return 0
+
+
+main = cli_entry(run, build_parser)
+
+if __name__ == "__main__":
+    main()

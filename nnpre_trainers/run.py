@@ -1,0 +1,80 @@
+"""Build nnpre trainers from a preprocessed dataset (what ``nnPre_train`` and the demo call)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Type
+
+import torch
+
+from nnpre.errors import fail
+from nnpre.nnunet_env import dataset_name, require_env
+from nnpre.presets import get_preset
+
+#: ``-pl`` short names → plans identifiers written by nnPre_plan.
+PLANS_ALIASES = {"resenc-l": "nnPreResEncLPlans", "plain": "nnPrePlans"}
+
+
+def resolve_plans_name(pl: Optional[str]) -> str:
+    return PLANS_ALIASES.get(pl or "resenc-l", pl or "nnPreResEncLPlans")
+
+
+def pick_device(name: Optional[str] = None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was requested but this torch build sees no GPU; use --device cpu")
+    return torch.device(name)
+
+
+def make_trainer(trainer_class: Type, dataset: str | int, plans_name: str = "nnPreResEncLPlans",
+                 configuration: str = "3d_fullres", fold: str | int = "all", device: Optional[str] = None,
+                 continue_training: bool = False, preset: Optional[str] = None, epochs: Optional[int] = None,
+                 iterations: Optional[int] = None):
+    """Instantiate ``trainer_class`` for a dataset planned with ``nnPre_plan``.
+
+    ``preset``/``epochs``/``iterations`` override the training length recorded in the plans.
+    """
+    require_env("nnUNet_preprocessed", "nnUNet_results")
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    name = dataset_name(dataset, must_exist_in="nnUNet_preprocessed")
+    folder = os.path.join(nnUNet_preprocessed, name)
+    plans_file = os.path.join(folder, plans_name + ".json")
+    if not os.path.isfile(plans_file):
+        fail(f"{plans_file} does not exist; run nnPre_plan -d {dataset} first (or pass the right -pl)")
+    with open(plans_file) as f:
+        plans = json.load(f)
+    if configuration not in plans.get("configurations", {}):
+        fail(f"{plans_file} has no configuration '{configuration}'; re-run nnPre_plan")
+    data_folder = os.path.join(folder, plans["configurations"][configuration]["data_identifier"])
+    if not os.path.isdir(data_folder):
+        fail(f"{data_folder} is missing; run nnPre_plan -d {dataset} without --no-preprocess")
+    with open(os.path.join(folder, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    plans["continue_training"] = bool(continue_training)
+    fold = fold if fold == "all" else int(fold)
+    trainer = trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
+                            device=pick_device(device))
+    if preset is not None:
+        p = get_preset(preset)
+        trainer.num_epochs = p.num_epochs
+        trainer.num_iterations_per_epoch = p.iterations_per_epoch
+        trainer.num_val_iterations_per_epoch = p.val_iterations_per_epoch
+        trainer.save_every = p.save_every
+    if epochs is not None:
+        trainer.num_epochs = int(epochs)
+    if iterations is not None:
+        trainer.num_iterations_per_epoch = int(iterations)
+    return trainer
+
+
+def maybe_resume(trainer) -> Optional[str]:
+    """Load final > latest > best checkpoint from the trainer's output folder (nnU-Net's ``--c`` order)."""
+    for n in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
+        p = os.path.join(trainer.output_folder, n)
+        if os.path.isfile(p):
+            trainer.load_checkpoint(p)
+            return p
+    print(f"--c: no checkpoint in {trainer.output_folder}; starting from scratch")
+    return None

@@ -1,0 +1,124 @@
+"""nnPre_export: encoder checkpoint + plan, and a full checkpoint stock nnU-Net's loader accepts."""
+import copy
+
+import pytest
+import torch
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+from nnpre.adaptation_plan import RESENC_L_ARCH_KWARGS, AdaptationPlan, resenc_l_default
+from nnpre.checkpoints import read_pretrained, save_checkpoint_atomic
+from nnpre.cli.export import main
+from nnpre.weight_transfer import transfer_encoder
+
+torch.set_num_threads(1)
+
+
+def tiny_plan():
+    kw = copy.deepcopy(RESENC_L_ARCH_KWARGS)
+    kw.update(n_stages=4, features_per_stage=[4, 8, 16, 32], kernel_sizes=[[3, 3, 3]] * 4,
+              strides=[[1, 1, 1]] + [[2, 2, 2]] * 3, n_blocks_per_stage=[1, 2, 1, 1],
+              n_conv_per_stage_decoder=[1, 1, 1])
+    d = resenc_l_default().to_dict()
+    d["architecture_plans"] = {"arch_class_name": "ResidualEncoderUNet", "arch_kwargs": kw,
+                               "arch_kwargs_requiring_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    d["nnpre"] = {"pretext": "diffusion", "pretext_config": {"timesteps": 1000}, "channel_names": {"0": "CT"}}
+    return AdaptationPlan.from_dict(d)
+
+
+@pytest.fixture()
+def pretrained(tmp_path):
+    """An nnpre pretraining checkpoint: trainer keys, full network + a pretext-only module, plan."""
+    plan = tiny_plan()
+    torch.manual_seed(0)
+    net = plan.build_network(1, 1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    weights = dict(net.state_dict())
+    weights["nnpre_conditioning.time_embed.0.weight"] = torch.randn(8, 4)
+    weights["nnpre_conditioning.time_embed.0.bias"] = torch.randn(8)
+    f = tmp_path / "checkpoint_final.pth"
+    save_checkpoint_atomic({"network_weights": weights, "optimizer_state": None, "grad_scaler_state": None,
+                            "current_epoch": 10, "trainer_name": "nnPreDiffusionTrainer",
+                            "nnssl_adaptation_plan": plan.to_dict()}, f)
+    return f, plan, {k: v.clone() for k, v in weights.items()}
+
+
+def test_encoder_export_has_encoder_and_stem_only_and_loads_weights_only(tmp_path, pretrained, capsys):
+    f, plan, src = pretrained
+    out = tmp_path / "export" / "encoder.pth"
+    assert main([str(f), "-o", str(out)]) == 0  # --encoder-only is the default
+    assert "encoder + stem" in capsys.readouterr().out
+    ck = torch.load(out, weights_only=True)  # plain torch, no allow-list
+    keys = set(ck["network_weights"])
+    assert keys == {k for k in src if k.startswith(("encoder.stages.", "encoder.stem."))}
+    assert ck["nnssl_adaptation_plan"]["nnpre"]["pretext"] == "diffusion"
+    assert ck["nnssl_adaptation_plan"]["key_to_encoder"] == "encoder.stages"
+    # and it is a valid source for the transfer
+    net = plan.build_network(1, 2)
+    rep = transfer_encoder(read_pretrained(out), net)
+    assert rep.source_format == "nnpre" and rep.skipped == []
+    assert torch.equal(net.state_dict()["decoder.encoder.stages.2.blocks.0.conv1.conv.weight"],
+                       src["encoder.stages.2.blocks.0.conv1.conv.weight"])
+    # the stock nnU-Net loader does not accept an encoder-only file (why --full exists)
+    with pytest.raises(AssertionError, match="missing"):
+        load_pretrained_weights(plan.build_network(1, 2), str(out))
+
+
+def test_full_export_is_accepted_by_stock_load_pretrained_weights(tmp_path, pretrained, capsys):
+    f, plan, src = pretrained
+    out = tmp_path / "full.pth"
+    assert main([str(f), "-o", str(out), "--full"]) == 0
+    assert "-pretrained_weights" in capsys.readouterr().out
+    ck = torch.load(out, weights_only=True)
+    keys = set(ck["network_weights"])
+    assert not any(k.startswith("nnpre_conditioning.") or ".seg_layers." in k for k in keys)
+    assert any(k.startswith("decoder.encoder.") for k in keys) and any(".all_modules." in k for k in keys)
+    torch.manual_seed(5)
+    target = plan.build_network(1, 3)  # a downstream net with 3 classes
+    seg_before = {k: v.clone() for k, v in target.state_dict().items() if ".seg_layers." in k}
+    load_pretrained_weights(target, str(out))
+    sd = target.state_dict()
+    for k, v in sd.items():
+        if ".seg_layers." in k:
+            assert torch.equal(v, seg_before[k])
+        else:
+            assert torch.equal(v, src[k[len("decoder."):]] if k.startswith("decoder.encoder.") else src[k]), k
+
+
+def test_full_export_with_stem_remap_for_more_channels(tmp_path, pretrained):
+    f, plan, src = pretrained
+    out = tmp_path / "full3.pth"
+    assert main([str(f), "-o", str(out), "--full", "--input-channels", "3"]) == 0
+    target = plan.build_network(3, 2)
+    load_pretrained_weights(target, str(out))
+    w0 = src["encoder.stem.convs.0.conv.weight"]
+    assert torch.equal(target.state_dict()["encoder.stem.convs.0.all_modules.0.weight"],
+                       w0.repeat(1, 3, 1, 1, 1) / 3)
+    info = torch.load(out, weights_only=True)["nnpre_export"]
+    assert info["input_channels"] == 3 and len(info["remapped"]) == 2
+
+
+def test_full_export_of_an_encoder_only_file_fails_cleanly(tmp_path, pretrained, capsys):
+    f, _, _ = pretrained
+    enc = tmp_path / "enc.pth"
+    main([str(f), "-o", str(enc), "--encoder-only"])
+    out = tmp_path / "full.pth"
+    with pytest.raises(SystemExit) as e:
+        main([str(enc), "-o", str(out), "--full"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--full needs a full network checkpoint" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_final.pth", "enc.pth"]
+
+
+def test_cli_argument_errors(tmp_path, pretrained, capsys):
+    f, _, _ = pretrained
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "missing.pth"), "-o", str(tmp_path / "x.pth")])
+    assert e.value.code == 2 and "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([str(f), "-o", str(tmp_path / "x.pth"), "--input-channels", "2"])
+    assert e.value.code == 2 and "only apply to --full" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(f), "-o", str(tmp_path / "x.pth"), "--full", "--encoder-only"])  # argparse: exclusive

@@ -84,6 +84,7 @@ _NNSSL_ONEMMISO = {
 
 NNPRE_EXTRAS_KEY = "nnpre"
 FORMAT_VERSION = 1
+_KNOWN_EXTRAS = ("format_version", "pretext", "pretext_config", "channel_names", "extra_input_channels")
 
 
 def plain(obj: Any, where: str = "value") -> Any:
@@ -135,6 +136,9 @@ class AdaptationPlan:
         pretext: nnpre pretext task name ("mae", "model_genesis", "diffusion") or None (foreign source).
         pretext_config: the pretext task's config dict.
         channel_names: input channel names at pretraining, nnU-Net style ``{"0": "T1", "1": "T2"}``.
+        extra_input_channels: channels the pretext task appended after the image channels at the network
+            input (so the stem weight is (F, C + extra, ...)); dropped before any downstream use.
+        extras: any other keys found under ``nnpre`` (kept verbatim on a round trip).
     """
 
     architecture_plans: Dict[str, Any]
@@ -150,6 +154,8 @@ class AdaptationPlan:
     pretext: Optional[str] = None
     pretext_config: Optional[Dict[str, Any]] = None
     channel_names: Optional[Dict[str, str]] = None
+    extra_input_channels: int = 0
+    extras: Dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ architecture
     @property
@@ -199,15 +205,30 @@ class AdaptationPlan:
                                       int(num_output_channels), allow_init=True, deep_supervision=deep_supervision)
 
     # ------------------------------------------------------------------ pretraining geometry
+    def _flat_configuration(self) -> bool:
+        cfgs = self.pretrain_plan.get("configurations")
+        return isinstance(cfgs, dict) and any(k in cfgs for k in ("spacing", "patch_size", "normalization_schemes"))
+
     @property
     def pretrain_configuration_name(self) -> Optional[str]:
-        cfgs = self.pretrain_plan.get("configurations") or {}
-        return next(iter(cfgs)) if isinstance(cfgs, dict) and cfgs else None
+        """Name of the (single) pretraining configuration, e.g. 'onemmiso' or '3d_fullres'."""
+        cfgs = self.pretrain_plan.get("configurations")
+        if not isinstance(cfgs, dict) or not cfgs:
+            return None
+        if self._flat_configuration():  # some writers store the configuration itself, unnamed
+            return cfgs.get("spacing_style")
+        return next(iter(cfgs))
 
     @property
     def pretrain_configuration(self) -> Dict[str, Any]:
-        name = self.pretrain_configuration_name
-        return dict(self.pretrain_plan["configurations"][name]) if name is not None else {}
+        """The pretraining configuration dict ({} when the plan has none)."""
+        cfgs = self.pretrain_plan.get("configurations")
+        if not isinstance(cfgs, dict) or not cfgs:
+            return {}
+        if self._flat_configuration():
+            return dict(cfgs)
+        first = next(iter(cfgs.values()))
+        return dict(first) if isinstance(first, dict) else {}
 
     @property
     def spacing(self) -> Optional[List[float]]:
@@ -229,7 +250,8 @@ class AdaptationPlan:
     @property
     def is_nnpre(self) -> bool:
         """True when the plan was written by nnpre (has the pretext record)."""
-        return self.pretext is not None or self.pretext_config is not None or self.channel_names is not None
+        return (self.pretext is not None or self.pretext_config is not None or self.channel_names is not None
+                or self.extra_input_channels > 0 or bool(self.extras))
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> Dict[str, Any]:
@@ -247,10 +269,12 @@ class AdaptationPlan:
         if self.pretrain_patch_size is not None:
             d["pretrain_patch_size"] = plain(self.pretrain_patch_size)
         d[NNPRE_EXTRAS_KEY] = {
+            **plain(self.extras, "extras"),
             "format_version": FORMAT_VERSION,
             "pretext": self.pretext,
             "pretext_config": plain(self.pretext_config, "pretext_config"),
             "channel_names": plain(self.channel_names, "channel_names"),
+            "extra_input_channels": int(self.extra_input_channels),
         }
         return d
 
@@ -287,6 +311,8 @@ class AdaptationPlan:
             pretext=extras.get("pretext"),
             pretext_config=plain(extras.get("pretext_config")),
             channel_names=plain(extras.get("channel_names")),
+            extra_input_channels=int(extras.get("extra_input_channels") or 0),
+            extras=plain({k: v for k, v in extras.items() if k not in _KNOWN_EXTRAS}, "nnpre"),
         )
 
     # aliases so callers can use either the class or the module functions

@@ -956,9 +956,8 @@ def _prepare_folder(folder: str, spec: dict, overwrite: bool) -> bool:
     return False
 
 
-def _finish_folder(folder: str, spec: dict, summary: dict) -> None:
-    write_json({"spec": json.loads(json.dumps(spec)), "complete": True, "cases": summary},
-               os.path.join(folder, MARKER_FILE))
+def _finish_folder(folder: str, spec: dict) -> None:
+    write_json({"spec": json.loads(json.dumps(spec)), "complete": True}, os.path.join(folder, MARKER_FILE))
 
 
 def _spec(kind: str, dataset_id: int, name: str, seed: int, cfg: SynthConfig, channels: int, **counts) -> dict:
@@ -1009,11 +1008,10 @@ def _case_ids(prefix: str, n: int) -> List[str]:
 
 
 def _generate(layouts: List[_Layout], jobs: List[Tuple[str, str, int, int]], seed: int, cfg: SynthConfig,
-              channels: int, progress: bool, desc: str) -> Dict[str, dict]:
+              channels: int, progress: bool, desc: str) -> None:
     """Synthesize each (split, case_id, stream, index) job once and write it to every layout that lacks it."""
     from tqdm import tqdm
 
-    summary: Dict[str, dict] = {}
     for split, case_id, stream, index in tqdm(jobs, desc=desc, disable=not progress, unit="case"):
         todo = [lay for lay in layouts if not lay.complete(split, case_id, channels)]
         if not todo:
@@ -1021,9 +1019,6 @@ def _generate(layouts: List[_Layout], jobs: List[Tuple[str, str, int, int]], see
         case = synthesize_case(case_rng(seed, stream, index), cfg, channels)
         for lay in todo:
             lay.write(split, case_id, case)
-        summary[case_id] = {"split": split, "stream": stream, "index": index, "n_lesions": len(case.instance_classes),
-                            "spacing": case.info["spacing"], "noise_std_hu": round(case.info["noise_std_hu"], 2)}
-    return summary
 
 
 def _labelled_jobs(n_train: int, n_test: int) -> List[Tuple[str, str, int, int]]:
@@ -1088,7 +1083,7 @@ def _labelled(out_raw: Optional[str], nndet_root: Optional[str], dataset_id: int
         if not _prepare_folder(lay.folder, spec, overwrite):
             todo.append((lay, spec))
     if todo:
-        summary = _generate([lay for lay, _ in todo], _labelled_jobs(n_train, n_test), seed, cfg, channels,
+        _generate([lay for lay, _ in todo], _labelled_jobs(n_train, n_test), seed, cfg, channels,
                             progress, f"Dataset{int(dataset_id):03d}_{name}")
         for lay, spec in todo:
             if lay.kind == "nnunet":
@@ -1096,7 +1091,7 @@ def _labelled(out_raw: Optional[str], nndet_root: Optional[str], dataset_id: int
             else:
                 task = os.path.basename(lay.folder)
                 write_json(_nndet_dataset_json(task, name, channels), os.path.join(lay.folder, "dataset.json"))
-            _finish_folder(lay.folder, spec, summary)
+            _finish_folder(lay.folder, spec)
     return done
 
 
@@ -1170,13 +1165,13 @@ def write_unlabeled_pool(out_raw: str, dataset_id: int, name: str, n_cases: int,
         return folder
     lay = _Layout(folder, "pool", cfg.compression_level, cfg.file_dtype)
     jobs = [("Tr", cid, STREAM_POOL, k) for k, cid in enumerate(_case_ids("pool", n_cases))]
-    summary = _generate([lay], jobs, seed, cfg, channels, progress, f"Dataset{int(dataset_id):03d}_{name}")
+    _generate([lay], jobs, seed, cfg, channels, progress, f"Dataset{int(dataset_id):03d}_{name}")
     os.makedirs(os.path.join(folder, "imagesTr"), exist_ok=True)
     write_json({"name": name, "description": "nnpre synthetic unlabelled pretraining pool (nnpre.synthetic)",
                 "channel_names": _channel_names(channels), "labels": {"background": 0},
                 "numTraining": int(n_cases), "file_ending": FILE_ENDING, "nnpre_unlabeled": True},
                os.path.join(folder, "dataset.json"))
-    _finish_folder(folder, spec, summary)
+    _finish_folder(folder, spec)
     return folder
 
 

@@ -25,11 +25,16 @@ changed):
   an input whose channels are all equal: conv(W', x repeated C_down times) = conv(W, x repeated C_pt
   times).
 
+Input channels that a pretext task appended after the image channels (``plan.extra_input_channels``,
+e.g. a diffusion conditioning channel) are dropped from the stem weight first; that also counts as a
+remapped stem.
+
 A remapped stem is reported (``TransferReport.stem_remapped``) so the fine-tuning schedule trains it
 during the decoder warm-up.
 """
 from __future__ import annotations
 
+import copy
 import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -114,6 +119,17 @@ def unwrap(network: nn.Module) -> nn.Module:
         if hasattr(network, "_orig_mod") and isinstance(network._orig_mod, nn.Module):
             network, changed = network._orig_mod, True
     return network
+
+
+def network_family(network: nn.Module) -> str:
+    """'ResidualEncoderUNet' / 'PlainConvUNet' for those classes and their subclasses, else the class name."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+    net = unwrap(network)
+    for cls in (ResidualEncoderUNet, PlainConvUNet):
+        if isinstance(net, cls):
+            return cls.__name__
+    return type(net).__name__
 
 
 def network_arch_kwargs(network: nn.Module) -> Optional[Dict[str, Any]]:
@@ -222,8 +238,32 @@ def remap_stem_weight(w: torch.Tensor, c_down: int, source_channel_names: Any = 
     return (summed.repeat(*reps) / c_down).to(w.dtype)
 
 
+def drop_pretext_input_channels(ck: PretrainedCheckpoint) -> Tuple[PretrainedCheckpoint, List[str]]:
+    """Remove the input channels a pretext task appended after the image channels (e.g. diffusion).
+
+    With ``plan.extra_input_channels = E`` and ``plan.pretrain_num_input_channels = C`` the stem weight is
+    (F, C + E, *kernel); the last E columns only ever saw pretext inputs, so downstream use keeps the
+    first C. Returns a new checkpoint (plan with ``extra_input_channels = 0``) and the changed keys;
+    ``ck`` itself is not modified.
+    """
+    extra, c = int(ck.plan.extra_input_channels or 0), int(ck.plan.pretrain_num_input_channels)
+    if extra <= 0:
+        return ck, []
+    sd = OrderedDict(ck.state_dict)
+    changed = []
+    for key in ck.plan.keys_to_in_proj:
+        k = f"{key}.weight"
+        if k in sd and sd[k].ndim >= 3 and sd[k].shape[1] == c + extra:
+            sd[k] = sd[k][:, :c].clone()
+            changed.append(k)
+    plan = copy.deepcopy(ck.plan)
+    plan.extra_input_channels = 0
+    return PretrainedCheckpoint(state_dict=sd, plan=plan, source_format=ck.source_format, path=ck.path,
+                                meta=dict(ck.meta)), changed
+
+
 def _target_keys(net: nn.Module, plan_class: str) -> Dict[str, Any]:
-    defaults = DEFAULT_KEYS.get(type(net).__name__) or DEFAULT_KEYS.get(plan_class) or DEFAULT_KEYS[
+    defaults = DEFAULT_KEYS.get(network_family(net)) or DEFAULT_KEYS.get(plan_class) or DEFAULT_KEYS[
         "ResidualEncoderUNet"]
     keys = {k: getattr(net, k, None) or defaults[k] for k in ("key_to_encoder", "key_to_stem", "keys_to_in_proj")}
     keys["keys_to_in_proj"] = list(keys["keys_to_in_proj"])
@@ -261,6 +301,8 @@ def transfer_encoder(source: PretrainedCheckpoint | str | os.PathLike, network: 
             channels) differs; the message lists the differences and the ``nnPre_plan --like`` fix.
     """
     ck = source if isinstance(source, PretrainedCheckpoint) else read_pretrained(source)
+    extra = int(ck.plan.extra_input_channels or 0)
+    ck, pretext_cut = drop_pretext_input_channels(ck)
     net = unwrap(network)
     plan = ck.plan
     report = TransferReport(source=ck.path, source_format=ck.source_format)
@@ -268,7 +310,8 @@ def transfer_encoder(source: PretrainedCheckpoint | str | os.PathLike, network: 
     # 1. topology gate on the planned architecture
     target_kw = network_arch_kwargs(net)
     if target_kw is not None:
-        diffs = check_compatibility(plan.arch_kwargs, target_kw, plan.network_class_name, type(net).__name__)
+        plan.dotted_network_class  # noqa: B018 - raises a clear error for architectures nnpre cannot load (Primus)
+        diffs = check_compatibility(plan.arch_kwargs, target_kw, plan.network_class_name, network_family(net))
         if diffs:
             _mismatch_error(ck, diffs)
     else:
@@ -300,9 +343,12 @@ def transfer_encoder(source: PretrainedCheckpoint | str | os.PathLike, network: 
             if w.ndim != len(want) or w.shape[0] != want[0] or w.shape[2:] != want[2:]:
                 continue  # reported by the shape check below
             rule, _ = stem_remap_rule(w.shape[1], want[1], plan.channel_names, target_channel_names)
+            done = [f"dropped {extra} pretext-only input channel(s)"] if pretext_cut else []
             if rule != "identity":
                 sub[rel] = remap_stem_weight(w, want[1], plan.channel_names, target_channel_names)
-                rules[f"{tgt_prefix}.{rel}"] = f"{rule} {w.shape[1]}->{want[1]}"
+                done.append(f"{rule} {w.shape[1]}->{want[1]}")
+            if done:
+                rules[f"{tgt_prefix}.{rel}"] = ", ".join(done)
         for rel, v in sub.items():
             if rel not in expected:
                 problems.append(f"unexpected key {src_prefix}.{rel}")

@@ -212,12 +212,17 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
             images: (B, C, X, Y, Z). targets: list of B target dicts. generator: CPU generator for the
                 sampler (default: the detector's own, seeded with ``config.seed``).
         """
-        out = self.head_outputs(images)
         if self.training:
             if targets is None:
                 raise ValueError("RetinaUNet in training mode needs targets; call .eval() for predictions")
-            return self.compute_loss(out, targets, generator)
-        return self.postprocess(out)
+            # validate before running the network so that bad targets fail fast
+            if len(targets) != images.shape[0]:
+                raise ValueError(f"got {len(targets)} target dicts for a batch of {images.shape[0]} images")
+            for i, t in enumerate(targets):
+                self._check_target(t, i, images.device)
+                self._seg_target(t, i, images.shape[2:], images.device)
+            return self.compute_loss(self.head_outputs(images), targets, generator)
+        return self.postprocess(self.head_outputs(images))
 
     @torch.no_grad()
     def predict_patch(self, images: torch.Tensor, return_seg: bool = False) -> List[dict]:

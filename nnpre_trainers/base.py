@@ -138,10 +138,28 @@ class nnPreTrainerBase(nnUNetTrainer):
         save_checkpoint_atomic(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
-        if isinstance(filename_or_checkpoint, (str, os.PathLike)):
-            filename_or_checkpoint = safe_load(filename_or_checkpoint)
-        super().load_checkpoint(filename_or_checkpoint)
-        self.on_checkpoint_loaded(filename_or_checkpoint)
+        """Restore a checkpoint (path → :func:`safe_load`, or an already loaded dict).
+
+        Same effect as nnU-Net's ``load_checkpoint`` (whose dict branch is broken in 2.8.1), without unsafe
+        unpickling; ``module.`` / ``_orig_mod.`` key prefixes are stripped.
+        """
+        if not self.was_initialized:
+            self.initialize()
+        ck = safe_load(filename_or_checkpoint) if isinstance(filename_or_checkpoint, (str, os.PathLike)) \
+            else filename_or_checkpoint
+        from nnpre.checkpoints import strip_prefixes
+
+        self.my_init_kwargs = ck.get("init_args", self.my_init_kwargs)
+        self.current_epoch = int(ck["current_epoch"])
+        self.logger.load_checkpoint(ck["logging"])
+        self._best_ema = ck.get("_best_ema")
+        self.inference_allowed_mirroring_axes = ck.get("inference_allowed_mirroring_axes",
+                                                       self.inference_allowed_mirroring_axes)
+        self.unwrapped_network.load_state_dict(strip_prefixes(ck["network_weights"]))
+        self.optimizer.load_state_dict(ck["optimizer_state"])
+        if self.grad_scaler is not None and ck.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(ck["grad_scaler_state"])
+        self.on_checkpoint_loaded(ck)
 
     def on_checkpoint_loaded(self, checkpoint: dict) -> None:
         """Called after a checkpoint was restored (e.g. to rebuild a stage-specific optimizer)."""

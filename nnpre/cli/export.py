@@ -33,7 +33,14 @@ SEG_LAYER_MARK = ".seg_layers."  # what stock nnU-Net's load_pretrained_weights 
 
 
 def encoder_checkpoint(ck: PretrainedCheckpoint) -> Dict[str, Any]:
-    """(a) ``{"network_weights": encoder + stem keys, "nnssl_adaptation_plan": plan, "nnpre_export": info}``."""
+    """(a) ``{"network_weights": encoder + stem keys, "nnssl_adaptation_plan": plan, "nnpre_export": info}``.
+
+    Input channels a pretext task appended (``plan.extra_input_channels``) are dropped from the stem so
+    the file describes a plain C-channel encoder.
+    """
+    from nnpre.weight_transfer import drop_pretext_input_channels
+
+    ck, _ = drop_pretext_input_channels(ck)
     weights = ck.encoder_state_dict()
     if not weights:
         fail(f"{ck.path}: no keys under '{ck.plan.key_to_encoder}' or '{ck.plan.key_to_stem}'; nothing to export")
@@ -59,18 +66,19 @@ def full_checkpoint(ck: PretrainedCheckpoint, input_channels: Optional[int] = No
     Returns:
         (checkpoint dict, list of checkpoint keys that were dropped).
     """
-    from nnpre.weight_transfer import remap_stem_weight
+    from nnpre.weight_transfer import drop_pretext_input_channels, remap_stem_weight
 
+    source_keys = list(ck.state_dict)
+    ck, remapped = drop_pretext_input_channels(ck)
     sd = OrderedDict(ck.state_dict)
     c_pt = ck.stem_input_channels or ck.plan.pretrain_num_input_channels
     c_down = int(input_channels or c_pt)
-    remapped = []
     if c_down != c_pt or target_channel_names is not None:
         for key in ck.plan.keys_to_in_proj:
             k = f"{key}.weight"
             if k in sd:
                 new = remap_stem_weight(sd[k], c_down, ck.plan.channel_names, target_channel_names)
-                if not (new.shape == sd[k].shape and bool((new == sd[k]).all())):
+                if k not in remapped and not (new.shape == sd[k].shape and bool((new == sd[k]).all())):
                     remapped.append(k)
                 sd[k] = new
     seg = [k for k in sd if SEG_LAYER_MARK in k]
@@ -89,7 +97,7 @@ def full_checkpoint(ck: PretrainedCheckpoint, input_channels: Optional[int] = No
              f"plan is inconsistent with network_weights")
     net.load_state_dict({k: sd[k] for k in needed}, strict=False)
     weights = OrderedDict((k, v) for k, v in net.state_dict().items() if SEG_LAYER_MARK not in k)
-    dropped = [k for k in ck.state_dict if k not in weights]
+    dropped = [k for k in source_keys if k not in weights]
     plan = ck.plan.to_dict()
     return {
         "network_weights": weights,

@@ -139,8 +139,9 @@ def evaluate_boxes(
                                  class_names=index_names, float_mode=float_mode, return_curves=True)
     froc_scores, froc_curves = compute_froc(match, iou_thresholds=iou_list, fpi_thresholds=FPI_THRESHOLDS,
                                             num_classes=k, class_names=index_names, per_class=per_class_froc)
-    metrics = {key: v for key, v in {**ap, **froc_scores}.items() if key in HEADLINE_KEYS}
-    metrics.update({key: v for key, v in {**ap, **froc_scores}.items() if key not in metrics})
+    everything = {**ap, **froc_scores}
+    metrics = {key: everything[key] for key in HEADLINE_KEYS if key in everything}
+    metrics.update({key: v for key, v in everything.items() if key not in metrics})
     return {
         "metrics": metrics,
         "froc": froc_curves,

@@ -112,6 +112,10 @@ def test_to_dict_is_plain_and_round_trips_through_json_and_weights_only_torch_lo
         assert k in d
     assert d["nnpre"]["pretext"] == "mae" and d["nnpre"]["pretext_config"]["block"] == [4, 4, 4]
     assert AdaptationPlan.from_dict(json.loads(json.dumps(d))).to_dict() == d
+    d["nnpre"]["extra_input_channels"] = 1  # written by the pretraining trainer
+    d["nnpre"]["future_key"] = {"a": 1}  # unknown extras survive a round trip
+    p2 = AdaptationPlan.from_dict(d)
+    assert p2.extra_input_channels == 1 and p2.to_dict()["nnpre"]["future_key"] == {"a": 1}
     f = tmp_path / "plan.pth"
     torch.save({"nnssl_adaptation_plan": d}, f)
     back = torch.load(f, weights_only=True)["nnssl_adaptation_plan"]  # no allow-list needed
@@ -157,6 +161,17 @@ def test_nnssl_serialised_plan_with_preset_and_without_new_keys_gets_defaults():
     assert p.keys_to_in_proj == ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"]
     assert p.key_to_lpe is None and not p.is_nnpre
     assert p.spacing == [1.0, 1.0, 1.0] and p.patch_size == [160, 160, 160]
+
+
+def test_unnamed_flat_pretrain_configuration_is_read():
+    d = resenc_l_default().to_dict()
+    d["pretrain_plan"]["configurations"] = {"spacing_style": "onemmiso", "spacing": [1.5, 1.5, 1.5],
+                                            "patch_size": [96, 96, 96], "normalization_schemes": ["ZScoreNormalization"]}
+    p = AdaptationPlan.from_dict(d)
+    assert p.pretrain_configuration_name == "onemmiso"
+    assert p.spacing == [1.5, 1.5, 1.5] and p.patch_size == [96, 96, 96]
+    d["pretrain_plan"] = {}
+    assert AdaptationPlan.from_dict(d).spacing is None and AdaptationPlan.from_dict(d).patch_size is None
 
 
 def test_plain_conv_plan_uses_the_stage0_stem_keys():

@@ -1,5 +1,6 @@
 """Safe checkpoint loading (weights_only + exact allow-list), format detection, atomic saving."""
 import builtins
+import io
 import copy
 import os
 import pickle
@@ -221,3 +222,16 @@ def test_save_checkpoint_atomic_writes_and_never_leaves_partial_files(tmp_path):
         save_checkpoint_atomic({"network_weights": {"w": torch.zeros(3)}, "bad": lambda: 0}, f)
     assert torch.equal(safe_load(f)["network_weights"]["w"], torch.ones(3))  # old file intact
     assert sorted(os.listdir(f.parent)) == ["ck.pth"]  # no temporaries left
+
+
+def test_numpy1_pickled_names_load(tmp_path):
+    # numpy 1.x pickles name numpy.core.multiarray.*; protocol-2 legacy files are newline-framed, so renaming works
+    buf = io.BytesIO()
+    torch.save({"_best_ema": np.float64(0.5), "arr": np.arange(3.0), "network_weights": {"w": torch.ones(2)}}, buf,
+               _use_new_zipfile_serialization=False)
+    raw = buf.getvalue()
+    assert raw.count(b"numpy._core.multiarray") == 2
+    f = tmp_path / "numpy1.pth"
+    f.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    d = safe_load(f)
+    assert d["_best_ema"] == 0.5 and d["arr"].tolist() == [0.0, 1.0, 2.0]

@@ -99,6 +99,24 @@ def test_full_export_with_stem_remap_for_more_channels(tmp_path, pretrained):
     assert info["input_channels"] == 3 and len(info["remapped"]) == 2
 
 
+def test_exports_drop_pretext_only_input_channels(tmp_path):
+    plan = tiny_plan()
+    torch.manual_seed(0)
+    net = plan.build_network(2, 1)  # 1 image channel + 1 appended by the pretext task
+    plan.extra_input_channels = 1
+    f = tmp_path / "diffusion.pth"
+    save_checkpoint_atomic({"network_weights": net.state_dict(), "nnssl_adaptation_plan": plan.to_dict()}, f)
+    w0 = net.state_dict()["encoder.stem.convs.0.conv.weight"]
+    enc, full = tmp_path / "enc.pth", tmp_path / "full.pth"
+    assert main([str(f), "-o", str(enc)]) == 0 and main([str(f), "-o", str(full), "--full"]) == 0
+    e = torch.load(enc, weights_only=True)
+    assert torch.equal(e["network_weights"]["encoder.stem.convs.0.conv.weight"], w0[:, :1])
+    assert e["nnssl_adaptation_plan"]["nnpre"]["extra_input_channels"] == 0
+    target = plan.build_network(1, 2)
+    load_pretrained_weights(target, str(full))
+    assert torch.equal(target.state_dict()["encoder.stem.convs.0.all_modules.0.weight"], w0[:, :1])
+
+
 def test_full_export_of_an_encoder_only_file_fails_cleanly(tmp_path, pretrained, capsys):
     f, _, _ = pretrained
     enc = tmp_path / "enc.pth"

@@ -177,6 +177,23 @@ def test_transfer_2_to_3_channels(tmp_path):
     assert rep.stem_remapped
 
 
+@pytest.mark.parametrize("c_down", [1, 3])
+def test_pretext_only_input_channels_are_dropped_before_remapping(tmp_path, c_down):
+    plan = tiny_plan(channels=1)
+    plan.extra_input_channels = 1  # e.g. diffusion: image + 1 appended channel, stem weight (F, 2, ...)
+    torch.manual_seed(0)
+    f, src = pretrained_file(tmp_path, AdaptationPlan.from_dict({**plan.to_dict(), "pretrain_num_input_channels": 2}))
+    ck = torch.load(f, weights_only=True)
+    ck["nnssl_adaptation_plan"] = plan.to_dict()  # the real plan: 1 image channel + 1 extra
+    torch.save(ck, f)
+    assert src["encoder.stem.convs.0.conv.weight"].shape[1] == 2
+    net = plan.build_network(c_down, 2)
+    rep = transfer_encoder(f, net)
+    image_col = src["encoder.stem.convs.0.conv.weight"][:, :1]
+    assert torch.equal(net.state_dict()["encoder.stem.convs.0.conv.weight"], image_col.repeat(1, c_down, 1, 1, 1) / c_down)
+    assert rep.stem_remapped and any("dropped 1 pretext-only input channel" in n for n in rep.notes)
+
+
 def test_plain_conv_unet_source_stem_inside_encoder_stage0(tmp_path):
     plan = tiny_plan("PlainConvUNet")
     assert plan.key_to_stem == "encoder.stages.0"
@@ -209,8 +226,6 @@ def test_nnssl_source_with_module_prefix_and_no_pretext_keys(tmp_path):
 
 
 def test_nnunet_format_source(tmp_path):
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # noqa: F401  (nnU-Net present)
-
     plan = tiny_plan()
     torch.manual_seed(3)
     src_net = plan.build_network(2, 4)
@@ -253,6 +268,25 @@ def test_mismatch_lists_every_difference_and_the_fix_and_changes_nothing(tmp_pat
     # a different family is a mismatch too
     with pytest.raises(NnPreError, match="network: checkpoint ResidualEncoderUNet, target PlainConvUNet"):
         transfer_encoder(f, tiny_plan("PlainConvUNet").build_network(1, 2))
+
+
+def test_unsupported_architecture_and_subclassed_target(tmp_path):
+    plan = tiny_plan()
+    f, src = pretrained_file(tmp_path, plan)
+    ck = read_pretrained(f)
+    ck.plan.architecture_plans = {"arch_class_name": "PrimusM", "arch_kwargs": None}
+    with pytest.raises(NnPreError, match="PrimusM.*not supported"):
+        transfer_encoder(ck, plan.build_network(1, 2))
+
+    class MyUNet(type(plan.build_network(1, 2))):  # e.g. a trainer's subclass: same family, same keys
+        pass
+
+    kw = plan.arch_kwargs
+    for k in ("conv_op", "norm_op", "nonlin"):
+        kw[k] = {"conv_op": torch.nn.Conv3d, "norm_op": torch.nn.InstanceNorm3d, "nonlin": torch.nn.LeakyReLU}[k]
+    net = MyUNet(input_channels=1, num_classes=2, **kw)
+    transfer_encoder(f, net)
+    assert torch.equal(net.encoder.stem.convs[0].conv.weight, src["encoder.stem.convs.0.conv.weight"])
 
 
 def test_tensor_level_mismatch_not_visible_in_the_topology_is_reported(tmp_path):

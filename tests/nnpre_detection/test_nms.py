@@ -8,7 +8,7 @@ from nnpre_detection.nms import batched_nms, nms
 
 def brute_force_nms(boxes, scores, thr):
     order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))  # Python sort is stable
-    iou = box_iou(boxes, boxes)
+    iou = box_iou(boxes, boxes).numpy()
     keep = []
     for i in order:
         if all(iou[i, j] <= thr for j in keep):

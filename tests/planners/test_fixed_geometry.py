@@ -14,7 +14,7 @@ def _cfg(result):
 
 
 def test_default_geometry_is_resenc_l_layout(nnunet_root):
-    from conftest import write_raw_dataset
+    from nnpre_testdata import write_raw_dataset
 
     write_raw_dataset(nnunet_root, did=11, spacing=(0.7, 0.7, 3.0))  # strongly anisotropic input
     r = plan_dataset(11, preprocess=False, num_processes=1)
@@ -35,7 +35,7 @@ def test_default_geometry_is_resenc_l_layout(nnunet_root):
 
 
 def test_plain_planner_options_and_multichannel(nnunet_root):
-    from conftest import write_raw_dataset
+    from nnpre_testdata import write_raw_dataset
 
     write_raw_dataset(nnunet_root, did=12, channels=2)
     r = plan_dataset(12, planner="plain", spacing=(1.5, 1.5, 1.5), patch_size=(48, 64, 64), batch_size=3,
@@ -53,7 +53,7 @@ def test_plain_planner_options_and_multichannel(nnunet_root):
 
 
 def test_undivisible_patch_is_padded_by_nnunet_topology(nnunet_root):
-    from conftest import write_raw_dataset
+    from nnpre_testdata import write_raw_dataset
 
     write_raw_dataset(nnunet_root, did=13)
     r = plan_dataset(13, preset="cpu-tiny", patch_size=(30, 30, 30), preprocess=False, num_processes=1)
@@ -63,7 +63,7 @@ def test_undivisible_patch_is_padded_by_nnunet_topology(nnunet_root):
 @pytest.mark.parametrize("shape,spacing", [((8, 16, 16), (1.0, 1.0, 2.0)),  # smaller than the 32³ patch
                                            ((1, 40, 40), (0.8, 0.8, 3.0))])  # a single slice
 def test_small_and_single_slice_images_are_padded_to_the_patch(nnunet_root, shape, spacing):
-    from conftest import write_raw_dataset
+    from nnpre_testdata import write_raw_dataset
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

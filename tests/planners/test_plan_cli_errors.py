@@ -30,7 +30,7 @@ def test_unknown_dataset(capsys, nnunet_root):
 
 
 def test_malformed_dataset_json(capsys, nnunet_root):
-    from conftest import write_raw_dataset
+    from nnpre_testdata import write_raw_dataset
 
     d = write_raw_dataset(nnunet_root, did=31, n_cases=1)
     with open(os.path.join(d, "dataset.json"), "w") as f:
@@ -43,7 +43,7 @@ def test_malformed_dataset_json(capsys, nnunet_root):
 
 
 def test_missing_channel_file(capsys, nnunet_root):
-    from conftest import write_raw_dataset
+    from nnpre_testdata import write_raw_dataset
 
     d = write_raw_dataset(nnunet_root, did=32, n_cases=2, channels=2)
     missing = os.path.join(d, "imagesTr", "c001_0001.nii.gz")
@@ -53,7 +53,7 @@ def test_missing_channel_file(capsys, nnunet_root):
 
 
 def test_mismatched_label_geometry(capsys, nnunet_root):
-    from conftest import write_raw_dataset
+    from nnpre_testdata import write_raw_dataset
 
     d = write_raw_dataset(nnunet_root, did=33, n_cases=2)
     lab = os.path.join(d, "labelsTr", "c000.nii.gz")
@@ -67,7 +67,7 @@ def test_mismatched_label_geometry(capsys, nnunet_root):
                                          ((0.8, 0.8, -2.0), "non-positive spacing")])
 def test_bad_spacing_in_header(capsys, nnunet_root, spacing, msg):
     import nibabel as nib
-    from conftest import write_raw_dataset
+    from nnpre_testdata import write_raw_dataset
 
     d = write_raw_dataset(nnunet_root, did=34, n_cases=1, labelled=False)
     p = os.path.join(d, "imagesTr", "c000_0000.nii.gz")
@@ -86,7 +86,7 @@ def test_bad_spacing_in_header(capsys, nnunet_root, spacing, msg):
 
 
 def test_previous_plans_survive_a_failed_run(capsys, nnunet_root):
-    from conftest import write_raw_dataset
+    from nnpre_testdata import write_raw_dataset
 
     write_raw_dataset(nnunet_root, did=35, n_cases=2)
     assert main(["-d", "35", "--preset", "cpu-tiny", "--no-preprocess", "-np", "1"]) == 0

@@ -10,7 +10,7 @@ from planners.pipeline import plan_dataset
 
 
 def test_stock_preprocess_and_trainer_run_on_our_plans(nnunet_root):
-    from conftest import write_raw_dataset
+    from nnpre_testdata import write_raw_dataset
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     write_raw_dataset(nnunet_root, did=21, n_cases=4, spacing=(0.9, 0.9, 2.0))

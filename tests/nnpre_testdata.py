@@ -1,9 +1,8 @@
-"""Tiny raw datasets written on the fly for planner tests (a few seconds each)."""
+"""Tiny raw nnU-Net datasets written on the fly for tests (a few seconds each)."""
 import json
 import os
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 
 
@@ -37,11 +36,3 @@ def write_raw_dataset(root, did=1, n_cases=3, channels=1, labelled=True, shape=(
     return d
 
 
-@pytest.fixture
-def nnunet_root(tmp_path, monkeypatch):
-    """An empty nnU-Net folder triple with the environment variables pointing at it."""
-    for n in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.makedirs(tmp_path / n)
-        monkeypatch.setenv(n, str(tmp_path / n))
-    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    return tmp_path

@@ -1,0 +1,110 @@
+"""Fine-tuning trainer: encoder-only load, frozen encoder in the decoder-only stage, resume across stages."""
+import os
+
+import pytest
+import torch
+
+from planners.pipeline import plan_dataset
+
+
+def _pretrained_checkpoint(trainer_plans, path, num_input_channels=1):
+    """A checkpoint in nnpre format: the plans' U-Net (1 output channel) + adaptation plan."""
+    from nnpre.adaptation_plan import from_nnunet_plans
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    a = trainer_plans["configurations"]["3d_fullres"]["architecture"]
+    torch.manual_seed(1)
+    net = get_network_from_plans(a["network_class_name"], a["arch_kwargs"], a["_kw_requires_import"],
+                                 num_input_channels, 1, allow_init=True, deep_supervision=False)
+    plan = from_nnunet_plans(trainer_plans, "3d_fullres", num_input_channels, pretext="mae", pretext_config={})
+    torch.save({"network_weights": net.state_dict(), "nnssl_adaptation_plan": plan.to_dict()}, path)
+    return {k: v.clone() for k, v in net.state_dict().items() if k.startswith("encoder.")}
+
+
+def _make(trainer_cls, did, continue_training=False):
+    from nnpre_trainers.run import make_trainer
+
+    t = make_trainer(trainer_cls, did, "nnPreResEncLPlans", fold="all", device="cpu",
+                     continue_training=continue_training, epochs=4, iterations=5)
+    t.num_val_iterations_per_epoch = 1
+    t.save_every = 1
+    t.show_progress = False
+    return t
+
+
+def _encoder(t):
+    return {k: v.detach().clone() for k, v in t.unwrapped_network.state_dict().items() if k.startswith("encoder.")}
+
+
+def test_finetune_stages_and_resume(nnunet_root, tmp_path):
+    from nnpre_testdata import write_raw_dataset
+    from nnpre_trainers.finetune_schedule import default_schedule
+    from nnpre_trainers.finetune_trainer import nnPreFineTuneTrainer
+    from nnpre_trainers.run import maybe_resume
+
+    write_raw_dataset(nnunet_root, did=41, n_cases=3)
+    r = plan_dataset(41, preset="cpu-tiny", num_processes=1)
+    ckpt = str(tmp_path / "pre.pth")
+    enc0 = _pretrained_checkpoint(r.plans, ckpt)
+
+    # stage 0 = first 25 % of 20 iterations = epoch 0 exactly (the default is 5 %; same code path)
+    sched = default_schedule(20, pretrained=True, warmup_fraction=0.25)
+    t = _make(nnPreFineTuneTrainer, 41)
+    t.configure_finetuning(pretrained=ckpt, schedule=sched, tag="test")
+    t.initialize()
+    enc_loaded = _encoder(t)
+    for k, v in enc0.items():
+        assert torch.equal(enc_loaded[k], v), k  # encoder tensors equal the checkpoint's
+    dec0 = {k: v.clone() for k, v in t.unwrapped_network.state_dict().items() if k.startswith("decoder.stages")}
+
+    class Stop(Exception):
+        pass
+
+    orig = t.on_epoch_start
+
+    def stop_at_epoch_1():
+        if t.current_epoch == 1:
+            raise Stop()
+        orig()
+
+    t.on_epoch_start = stop_at_epoch_1
+    with pytest.raises(Stop):
+        t.run_training()
+    after_stage0 = _encoder(t)
+    for k, v in enc0.items():
+        assert torch.equal(after_stage0[k], v), f"encoder moved during the decoder-only stage: {k}"
+    dec1 = t.unwrapped_network.state_dict()
+    assert any(not torch.equal(dec1[k], v) for k, v in dec0.items()), "decoder did not train"
+    assert os.path.isfile(os.path.join(t.output_folder, "pretrained_transfer.json"))
+    latest = os.path.join(t.output_folder, "checkpoint_latest.pth")
+    assert os.path.isfile(latest)
+
+    # resume across the stage boundary
+    t2 = _make(nnPreFineTuneTrainer, 41, continue_training=True)
+    t2.configure_finetuning(pretrained=ckpt, schedule=sched, tag="test")
+    assert maybe_resume(t2) == latest
+    assert t2.current_epoch == 1 and t2.stage_index == 0
+    t2.run_training()
+    assert t2.stage_index == 1
+    final = _encoder(t2)
+    assert any(not torch.equal(final[k], v) for k, v in enc0.items()), "encoder never trained in stage 2"
+    assert os.path.isfile(os.path.join(t2.output_folder, "checkpoint_final.pth"))
+
+
+def test_from_scratch_and_few_labels(nnunet_root):
+    from nnpre_testdata import write_raw_dataset
+    from nnpre_trainers.finetune_trainer import nnPreFineTuneTrainer
+
+    write_raw_dataset(nnunet_root, did=42, n_cases=3)
+    plan_dataset(42, preset="cpu-tiny", num_processes=1)
+    t = _make(nnPreFineTuneTrainer, 42)
+    t.configure_finetuning(from_scratch=True, num_train_cases=2)
+    t.num_epochs = 1
+    t.initialize()
+    assert t.schedule.base_lr == pytest.approx(1e-2) and len(t.schedule.stages) == 1
+    tr, _ = t.do_split()
+    assert len(tr) == 2 and tr == sorted(tr)
+    tr2, _ = t.do_split()
+    assert tr == tr2  # deterministic
+    assert t.output_folder.endswith(os.path.join("nnPreFineTuneTrainer__nnPreResEncLPlans__3d_fullres__scratch_n2",
+                                                 "fold_all"))

@@ -104,7 +104,8 @@ def main(argv=None) -> None:
     print(f"nnpre match_cases + compute_coco  : {t_ours * 1000:8.1f} ms   speed-up x{t_monai / t_ours:.1f}")
     print(f"nnpre + FROC (pooled + per class) : {t_full * 1000:8.1f} ms   speed-up x{t_monai / t_full:.1f}")
     for key in ("AP_IoU_0.10_MaxDet_100", "AP_IoU_0.50_MaxDet_100", "mAP_IoU_0.10_0.50_0.05_MaxDet_100"):
-        print(f"{key}: MONAI {ap_monai[key]:.12f}  nnpre {ap_ours[key]:.12f}  nnpre(nndet float32) {ap_nndet[key]:.12f}")
+        print(f"{key}: MONAI {ap_monai[key]:.12f}  nnpre {ap_ours[key]:.12f}  "
+              f"nnpre(nndet float32) {ap_nndet[key]:.12f}")
     print(f"max |AP difference| over {len(keys)} keys: {diff:.3e} (monai-numpy2 mode), {diff_nndet:.3e} (nndet mode)")
     print(f"RATIO {t_monai / t_ours:.1f}x  identical_AP={diff <= 1e-12}")
 

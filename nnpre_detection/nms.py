@@ -6,11 +6,13 @@ boxes are visited in descending score order (stable sort, so ties keep input ord
 box is suppressed when its IoU with an already kept box is strictly greater than the threshold
 (nnDetection and MONAI semantics).
 
-Algorithm (blocked greedy): the score-sorted boxes are processed in blocks of ``block_size``. Inside a
-block only boxes not yet suppressed are considered; their (R, R) overlap matrix decides the greedy choice
-exactly (a cheap sequential scan on the host over a small boolean matrix); then the block's kept boxes
-suppress all later, still alive boxes at once with one (K, M) IoU evaluation. Memory is O(block_size * N),
-never O(N^2), and suppressed boxes are never looked at again.
+Algorithm (blocked greedy): the score-sorted boxes that are still alive (neither kept nor suppressed) are
+processed ``block_size`` at a time. Every box of a block has survived all previously kept boxes, so the
+block's (R, R) overlap matrix decides the greedy choice exactly (a cheap sequential scan on the host over a
+small boolean matrix); then the block's kept boxes suppress all remaining alive boxes at once with one (K, M)
+IoU evaluation (in column chunks of bounded size), and the alive list is compacted. Memory is bounded
+(O(block_size * N) up to ``MAX_CHUNK_ELEMENTS``), never O(N^2); suppressed boxes are never looked at again, so
+a few objects with many overlapping predictions take only a few blocks.
 """
 from __future__ import annotations
 
@@ -21,31 +23,60 @@ import torch
 
 from nnpre_detection.boxes import _check, corners
 
-#: Default rows per block; 256 keeps the (256, N) intermediates of a 10k-box problem at ~10 MB.
+#: Default (maximal) rows per block.
 DEFAULT_BLOCK_SIZE = 256
+#: Maximal elements of one (K, M) intermediate; longer alive lists are processed in column chunks, which
+#: bounds the workspace at about 13 bytes x 4M = 52 MB whatever the number of boxes.
+MAX_CHUNK_ELEMENTS = 1 << 22
 
 
-def _overlap_gt(lo_a, hi_a, vol_a, lo_b, hi_b, vol_b, iou_threshold: float) -> torch.Tensor:
-    """Boolean (A, B) matrix ``IoU(a, b) > iou_threshold`` computed in float32 (same formula as ``box_iou``)."""
-    inter = None
-    for d in range(lo_a.shape[1]):
-        side = torch.minimum(hi_a[:, None, d], hi_b[None, :, d]).sub_(torch.maximum(lo_a[:, None, d], lo_b[None, :, d]))
-        side.clamp_(min=0)
-        inter = side if inter is None else inter.mul_(side)
-    union = (vol_a[:, None] + vol_b[None, :]).sub_(inter)
-    # union == 0 only for two degenerate boxes; their IoU is defined as 0 (see boxes.box_iou).
-    iou = inter.div_(union.clamp_(min=torch.finfo(torch.float32).tiny))
-    return iou > iou_threshold
+class _Workspace:
+    """Reusable flat float32 buffers for the (K, M) intermediates (allocating them per call costs more than
+    the arithmetic)."""
+
+    def __init__(self, size: int, device: torch.device):
+        self._alloc(size, device)
+
+    def _alloc(self, size: int, device: torch.device):
+        self.bufs = [torch.empty(size, dtype=torch.float32, device=device) for _ in range(3)]
+        self.bufs.append(torch.empty(size, dtype=torch.bool, device=device))
+
+    def views(self, k: int, m: int):
+        if k * m > self.bufs[0].numel():
+            self._alloc(k * m, self.bufs[0].device)
+        return [b[: k * m].view(k, m) for b in self.bufs]
 
 
-def _greedy_scan(inner: np.ndarray, alive: np.ndarray) -> np.ndarray:
+def _overlap_gt(lo_a, hi_a, vol_a, lo_b, hi_b, vol_b, iou_threshold: float, ws: _Workspace) -> torch.Tensor:
+    """Boolean (K, M) matrix ``IoU(a, b) > iou_threshold`` in float32 (same formula as ``boxes.box_iou``).
+
+    Args:
+        lo_a, hi_a: (D, K) contiguous corner coordinates per axis; vol_a: (K,). Same for b with M boxes.
+    """
+    inter, tmp, side, result = ws.views(lo_a.shape[1], lo_b.shape[1])
+    for d in range(lo_a.shape[0]):
+        out = inter if d == 0 else side
+        torch.minimum(hi_a[d][:, None], hi_b[d][None, :], out=out)
+        torch.maximum(lo_a[d][:, None], lo_b[d][None, :], out=tmp)
+        out.sub_(tmp).clamp_(min=0)
+        if d > 0:
+            inter.mul_(side)
+    torch.add(vol_a[:, None], vol_b[None, :], out=tmp)
+    union = tmp.sub_(inter).clamp_(min=torch.finfo(torch.float32).tiny)
+    # union == 0 only for two degenerate boxes; their IoU is 0 (inter == 0), as in boxes.box_iou.
+    return torch.gt(inter.div_(union), iou_threshold, out=result)
+
+
+def _greedy_scan(inner: np.ndarray) -> np.ndarray:
     """Exact greedy selection inside one block.
 
     Args:
         inner: (R, R) bool, ``inner[i, j]`` = box i would suppress box j (score order i < j).
-        alive: (R,) bool, boxes not suppressed by earlier blocks (modified copy is returned).
+
+    Returns:
+        (R,) bool mask of the kept boxes.
     """
-    keep = alive.copy()
+    keep = np.ones(inner.shape[0], dtype=bool)
     suppressors = np.nonzero(np.triu(inner, 1).any(axis=1))[0]
     for i in suppressors:
         if keep[i]:
@@ -82,30 +113,38 @@ def nms(
     device = boxes.device
     if n == 0 or (max_keep is not None and max_keep <= 0):
         return torch.zeros(0, dtype=torch.long, device=device)
-    order = torch.argsort(scores, descending=True, stable=True)
-    lo, hi = corners(boxes.float()[order])
+    order = torch.argsort(scores.detach(), descending=True, stable=True)
+    lo, hi = corners(boxes.detach().float()[order])
     vol = (hi - lo).prod(dim=1)
-    removed = torch.zeros(n, dtype=torch.bool, device=device)
+    lo, hi = lo.T.contiguous(), hi.T.contiguous()  # (D, N): contiguous rows per axis
+    ws = _Workspace(min(min(block_size, n) * n, MAX_CHUNK_ELEMENTS), device)
+    alive = torch.arange(n, device=device)  # not yet decided, in score order
     kept_chunks = []
     n_kept = 0
-    for start in range(0, n, block_size):
-        end = min(start + block_size, n)
-        rows = start + torch.nonzero(~removed[start:end], as_tuple=False).flatten()
-        if rows.numel() == 0:
-            continue
-        inner = _overlap_gt(lo[rows], hi[rows], vol[rows], lo[rows], hi[rows], vol[rows], iou_threshold)
-        keep_np = _greedy_scan(inner.cpu().numpy(), np.ones(rows.numel(), dtype=bool))
-        kept = rows[torch.from_numpy(keep_np).to(device)]
+    step = min(16, block_size)
+    while alive.numel() > 0:
+        # blocks grow geometrically up to block_size: small first blocks let the top boxes suppress their
+        # (often many) overlapping predictions before the expensive (K, M) evaluations on the long alive list
+        rows, alive = alive[:step], alive[step:]
+        step = min(2 * step, block_size)
+        lo_r, hi_r, vol_r = lo[:, rows], hi[:, rows], vol[rows]
+        inner = _overlap_gt(lo_r, hi_r, vol_r, lo_r, hi_r, vol_r, iou_threshold, ws)
+        # (`inner` is a view of the workspace: scan it before the next _overlap_gt call)
+        keep_t = torch.from_numpy(_greedy_scan(inner.cpu().numpy())).to(device)
+        kept = rows[keep_t]
         if max_keep is not None and n_kept + kept.numel() >= max_keep:
             kept_chunks.append(kept[: max_keep - n_kept])
             break
         kept_chunks.append(kept)
         n_kept += kept.numel()
-        if end < n and kept.numel() > 0:
-            cols = end + torch.nonzero(~removed[end:], as_tuple=False).flatten()
-            if cols.numel() > 0:
-                hit = _overlap_gt(lo[kept], hi[kept], vol[kept], lo[cols], hi[cols], vol[cols], iou_threshold)
-                removed[cols[hit.any(dim=0)]] = True
+        if alive.numel() > 0 and kept.numel() > 0:
+            lo_k, hi_k, vol_k = lo_r[:, keep_t], hi_r[:, keep_t], vol_r[keep_t]
+            chunk = max(1, MAX_CHUNK_ELEMENTS // kept.numel())
+            hit = torch.cat([
+                _overlap_gt(lo_k, hi_k, vol_k, lo[:, cols], hi[:, cols], vol[cols], iou_threshold, ws).any(dim=0)
+                for cols in alive.split(chunk)
+            ])
+            alive = alive[~hit]
     if not kept_chunks:
         return torch.zeros(0, dtype=torch.long, device=device)
     return order[torch.cat(kept_chunks)]

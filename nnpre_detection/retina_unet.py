@@ -136,10 +136,13 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
         config: post-processing, loss weights and seed (see :class:`RetinaUNetConfig`).
 
     Transfer-learning attributes (as dynamic-network-architectures): ``key_to_encoder``, ``key_to_stem``,
-    ``keys_to_in_proj`` point to the same modules as in the matching nnU-Net U-Net; every parameter outside
-    ``encoder.`` belongs to the decoder or the heads (what a decoder-only warm-up trains).
+    ``keys_to_in_proj`` point to the same modules as in the matching nnU-Net U-Net, and ``encoder_family``
+    names that U-Net class (``"ResidualEncoderUNet"`` / ``"PlainConvUNet"``) for topology checks; every
+    parameter outside ``encoder.`` belongs to the decoder or the heads (what a decoder-only warm-up trains).
     """
 
+    #: Parameter-name prefixes of the task heads (trained with the decoder during a decoder-only warm-up).
+    head_prefixes = ("classifier.", "regressor.", "segmenter.")
     # ResidualEncoder layout by default; PlainConvEncoder instances override these in __init__.
     key_to_encoder = "encoder.stages"
     key_to_stem = "encoder.stem"
@@ -151,10 +154,12 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
                  decoder_levels: Sequence[int], num_classes: int, config: RetinaUNetConfig = RetinaUNetConfig()):
         super().__init__()
         if getattr(encoder, "stem", None) is not None:
+            self.encoder_family = "ResidualEncoderUNet"
             self.key_to_encoder = "encoder.stages"
             self.key_to_stem = "encoder.stem"
             self.keys_to_in_proj = ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0")
         else:  # PlainConvEncoder: the stem is the first stage (as PlainConvUNet)
+            self.encoder_family = "PlainConvUNet"
             self.key_to_encoder = "encoder.stages"
             self.key_to_stem = "encoder.stages.0"
             self.keys_to_in_proj = ("encoder.stages.0.0.convs.0.all_modules.0", "encoder.stages.0.0.convs.0.conv")
@@ -332,7 +337,7 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
             keep = (box_size(boxes) >= cfg.min_box_size).all(dim=1)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = batched_nms(boxes, scores, labels, cfg.nms_iou, max_keep=cfg.detections_per_image)
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+            results.append({"boxes": boxes[keep].detach(), "scores": scores[keep].detach(), "labels": labels[keep]})
         return results
 
 

@@ -50,7 +50,8 @@ class HardNegativeSampler:
                 negative values = ignored (never sampled).
             fg_probs: per image (A_i,) foreground probability of every anchor (max over classes), used to
                 rank negatives (no gradient needed).
-            generator: CPU ``torch.Generator`` for the random draws (``None``: a fresh unseeded one).
+            generator: CPU ``torch.Generator`` for the random draws (``None``: a new generator with PyTorch's
+                default seed, i.e. the same draws every call).
 
         Returns:
             pos_masks, neg_masks: per image (A_i,) bool masks of the sampled anchors.

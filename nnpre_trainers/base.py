@@ -107,11 +107,13 @@ class nnPreTrainerBase(nnUNetTrainer):
             self.network = torch.compile(self.network)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp:
+            # Without deep supervision the lower-resolution seg layers get no gradient: let DDP know.
+            unused = not self.enable_deep_supervision
             if self.device.type == "cuda":
                 self.network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network)
-                self.network = DDP(self.network, device_ids=[self.local_rank])
+                self.network = DDP(self.network, device_ids=[self.local_rank], find_unused_parameters=unused)
             else:
-                self.network = DDP(self.network)  # gloo on CPU: no device_ids
+                self.network = DDP(self.network, find_unused_parameters=unused)  # gloo on CPU: no device_ids
         self.loss = self._build_loss()
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         self.was_initialized = True

@@ -80,11 +80,16 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-_main = cli_entry(lambda args: (run(args), 0)[1], build_parser)
+def _command(args: argparse.Namespace) -> int:
+    run(args)
+    return 0
+
+
+_main = cli_entry(_command, build_parser)
 
 
 def main(argv=None) -> int:
-    """Console entry point ``nnPre_evaluate`` (``argv`` for tests)."""
+    """Console entry point ``nnPre_evaluate`` (``argv`` for tests); exit status 2 on a user error."""
     return _main(argv)
 
 

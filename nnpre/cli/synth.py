@@ -15,7 +15,8 @@ import sys
 from typing import List, Optional
 
 from nnpre.errors import NnPreError, fail
-from nnpre.synthetic import SynthConfig, write_nndet_dataset, write_nnunet_dataset, write_unlabeled_pool
+from nnpre.synthetic import (SYNTH_PRESETS, SynthConfig, get_synth_config, write_nndet_dataset, write_nnunet_dataset,
+                             write_unlabeled_pool)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.add_argument("--fov", type=float, default=None,
                    help=f"field of view in mm, a cube (default {SynthConfig().fov_mm})")
+    p.add_argument("--difficulty", choices=sorted(SYNTH_PRESETS), default="default",
+                   help="generator calibration (default: the hard calibrated task; 'easy' = sanity task)")
     p.add_argument("--lung-label", action="store_true", help="also label the lungs (label 2)")
     p.add_argument("--nndet-out", default=None,
                    help="also write the labelled cases in nnDetection layout under this folder")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> List[str]:
     out = args.out if args.out is not None else os.environ.get("nnUNet_raw")
     if not out:
         fail("no output location: pass --out DIR or set the nnUNet_raw environment variable")
-    cfg = SynthConfig()
+    cfg = get_synth_config(args.difficulty)
     if args.fov is not None:
         cfg = dataclasses.replace(cfg, fov_mm=float(args.fov))
     if args.lung_label:

@@ -68,8 +68,13 @@ def classes_from_dataset_json(path: str) -> DetectionClasses:
 
 
 def find_dataset_json(gt_folder: str) -> str | None:
-    """``dataset.json`` in the ground-truth folder or its parent (nnU-Net/nnDetection layout), else None."""
-    for folder in (gt_folder, os.path.dirname(os.path.abspath(gt_folder))):
+    """``dataset.json`` next to the labels: in the ground-truth folder, its parent (nnU-Net ``labelsTr``) or,
+    for nnDetection's ``raw_splitted/labelsTr``, the task folder above; None if there is none."""
+    parent = os.path.dirname(os.path.abspath(gt_folder))
+    folders = [gt_folder, parent]
+    if os.path.basename(parent) == "raw_splitted":
+        folders.append(os.path.dirname(parent))
+    for folder in folders:
         candidate = os.path.join(folder, "dataset.json")
         if os.path.isfile(candidate):
             return candidate

@@ -7,8 +7,8 @@ chooses (all configurable):
 
 * **T = 1000** and the **linear** β schedule 1e-4 → 0.02 of DDPM (Ho et al., NeurIPS 2020). Linear is the
   default because the paper's useful feature range (t ≈ 10-60, degrading above ~100) is only a small amount
-  of noise under it (ᾱ_60 ≈ 0.95); ``schedule="cosine"`` gives Nichol & Dhariwal's (ICML 2021) cosine
-  schedule (s = 0.008, β clipped at 0.999). Timesteps are 0-based: t = 0 is the first noising step.
+  of noise under it (ᾱ_60 ≈ 0.958, ᾱ_999 ≈ 4.04e-5); ``schedule="cosine"`` gives Nichol & Dhariwal's
+  (ICML 2021) cosine schedule (s = 0.008, β clipped at 0.999). Timesteps are 0-based: t = 0 is the first noising step.
 * ε-prediction with a plain MSE loss (Ho et al.'s L_simple); t ~ U{0..T-1} per sample.
 * **timestep conditioning** (:class:`TimestepConditioning`): sinusoidal embedding → 2-layer SiLU MLP →
   per encoder stage a SiLU + linear layer giving a channel-wise FiLM ``h * (1 + scale) + shift`` applied to

@@ -10,8 +10,9 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from nnpre.errors import NnPreError
-from nnpre.synthetic import (STREAM_POOL, STREAM_TEST, STREAM_TRAIN, SynthConfig, case_rng, make_study,
-                             synthesize_case, write_nndet_dataset, write_nnunet_dataset, write_unlabeled_pool)
+from nnpre.synthetic import (STREAM_POOL, STREAM_TEST, STREAM_TRAIN, SynthConfig, case_rng, get_synth_config,
+                             make_study, synthesize_case, write_nndet_dataset, write_nnunet_dataset,
+                             write_unlabeled_pool)
 
 SMALL = SynthConfig(fov_mm=48.0)
 
@@ -194,6 +195,14 @@ def test_zero_lesion_cases_and_bad_config(tmp_path):
         SynthConfig(n_lesions=(3, 1))
     with pytest.raises(NnPreError, match="name"):
         write_nnunet_dataset(str(tmp_path), 32, "bad.name", 1, 0, seed=0, config=SMALL)
+    with pytest.raises(NnPreError, match="difficulty"):
+        get_synth_config("impossible")
+
+
+def test_easy_preset_is_high_contrast():
+    cfg = get_synth_config("easy", fov_mm=64.0)
+    stats = [s for k in range(3) for s in _ring_stats(synthesize_case(case_rng(0, STREAM_TRAIN, k), cfg))]
+    assert stats and all(d > 3.0 * n for d, n, _, _ in stats)
 
 
 def _ring_stats(case):

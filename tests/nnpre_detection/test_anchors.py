@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nnpre.errors import NnPreError
-from nnpre_detection.anchors import AnchorGenerator, AnchorPlan, plan_anchors, relative_level_factors
+from nnpre_detection.anchors import AnchorGenerator, AnchorPlan, mean_best_iou, plan_anchors, relative_level_factors
 
 
 def test_generator_layout_centres_and_order():
@@ -66,7 +66,6 @@ def test_plan_uses_levels_and_beats_default():
     factors = [(1, 1, 1), (2, 2, 2)]
     plan = plan_anchors(boxes, level_factors=factors, seed=1)
     default = AnchorPlan(((4, 8, 16),) * 3, tuple(factors))
-    from nnpre_detection.anchors import mean_best_iou
     default_val = mean_best_iou(np.asarray(sizes, float), np.asarray([default.base_sizes], float),
                                 np.asarray(factors, float))[0]
     assert plan.mean_best_iou > default_val + 0.05

@@ -80,7 +80,6 @@ def test_threshold_is_inclusive():
 
 
 def test_top_100_per_case_and_class_before_matching():
-    rng = np.random.default_rng(0)
     n = 150
     dets = [cube(50 + 20 * i, 0, 0) for i in range(n)]  # all far from the GT
     scores = np.linspace(0.99, 0.01, n)
@@ -94,7 +93,6 @@ def test_top_100_per_case_and_class_before_matching():
     labels2[120] = 0
     m2 = match_cases([arr(dets)], [scores], [labels2], [arr([cube(0, 0, 0)])], [np.array([0])], (0.1,))
     assert len(m2.det_case) == 150 and m2.gt_matched.all()
-    del rng
 
 
 def test_classes_are_matched_separately_and_empty_cases():

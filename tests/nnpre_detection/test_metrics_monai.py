@@ -31,7 +31,6 @@ def random_suite(seed, n_cases=25, n_classes=3):
         lo = rng.integers(0, 20, (ng, 3))
         ext = rng.integers(2, 8, (ng, 3))
         g = np.concatenate([lo[:, :2], lo[:, :2] + ext[:, :2], lo[:, 2:], lo[:, 2:] + ext[:, 2:]], 1).astype(float)
-        g = g[:, [0, 1, 2, 3, 4, 5]]
         nd = int(rng.choice([0, 5, 40, 130]))
         d = np.zeros((nd, 6))
         if nd:

@@ -50,6 +50,18 @@ def test_equals_brute_force(seed, n, thr, block):
     keep = nms(boxes, scores, thr, block_size=block)
     assert keep.tolist() == brute_force_nms(boxes, scores, thr)
     assert torch.equal(keep, nms(boxes.double(), scores, thr))
+    assert torch.equal(keep, nms(boxes.clone().requires_grad_(), scores, thr))  # works on autograd tensors
+
+
+def test_column_chunking_gives_the_same_result(monkeypatch):
+    import nnpre_detection.nms as nms_module
+
+    gen = torch.Generator().manual_seed(10)
+    boxes = random_boxes(400, gen, extent=30)
+    scores = torch.rand(400, generator=gen)
+    expected = brute_force_nms(boxes, scores, 0.2)
+    monkeypatch.setattr(nms_module, "MAX_CHUNK_ELEMENTS", 50)
+    assert nms(boxes, scores, 0.2).tolist() == expected
 
 
 def test_2d_boxes():
@@ -77,8 +89,8 @@ def test_batched_nms_is_classwise():
 def test_equals_monai():
     box_utils = pytest.importorskip("monai.data.box_utils")
     gen = torch.Generator().manual_seed(8)
-    boxes = random_boxes(1000, gen, extent=60)
-    scores = torch.rand(1000, generator=gen)
+    boxes = random_boxes(600, gen, extent=50)
+    scores = torch.rand(600, generator=gen)
     for thr in (0.1, 0.5):
         ref = box_utils.non_max_suppression(convert_boxes(boxes, "xyxyzz", "xyzxyz"), scores, thr)
         assert torch.equal(nms(boxes, scores, thr), ref)

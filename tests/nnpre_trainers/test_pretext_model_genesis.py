@@ -1,0 +1,244 @@
+"""Model Genesis pretext: official rates, range contract, flips on the target, shuffle statistics vs the loop."""
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnpre_trainers.pretext import get_pretext
+from nnpre_trainers.pretext.model_genesis import (ModelGenesisConfig, apply_flips, apply_intensity_curve,
+                                                  in_painting, local_pixel_shuffle, max_window_sides,
+                                                  model_genesis_pair, out_painting, random_flip_axes,
+                                                  random_intensity_curve)
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_model_genesis.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_model_genesis", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _within_binomial(count: int, n: int, p: float, k: float = 4.5) -> bool:
+    return abs(count / n - p) <= k * math.sqrt(p * (1 - p) / n)
+
+
+def test_corruption_probabilities_match_official_rates():
+    cfg = ModelGenesisConfig(bezier_points=2000, num_windows=20)  # cheap, same rates
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 12, 12, 12)).astype(np.float32)
+    n = 3000
+    rec = {k: [] for k in ("flips", "local_shuffle", "nonlinear", "inverted", "inpaint", "outpaint")}
+    for _ in range(n):
+        _, _, applied = model_genesis_pair(x, rng, cfg)
+        for k in rec:
+            rec[k].append(applied[k])
+    rec = {k: np.array(v) for k, v in rec.items()}
+    flips = rec["flips"]
+    assert flips.max() <= 3
+    assert _within_binomial((flips >= 1).sum(), n, 0.4)  # flip_rate 0.4
+    assert _within_binomial((flips >= 2).sum(), n, 0.4 ** 2)
+    assert _within_binomial((flips == 3).sum(), n, 0.4 ** 3)
+    assert _within_binomial(rec["local_shuffle"].sum(), n, 0.5)  # local_rate
+    assert _within_binomial(rec["nonlinear"].sum(), n, 0.9)  # nonlinear_rate
+    nl = rec["nonlinear"] == 1
+    assert _within_binomial(rec["inverted"][nl].sum(), nl.sum(), 0.5)  # half of the curves invert
+    assert not rec["inverted"][~nl].any()
+    assert _within_binomial(rec["inpaint"].sum(), n, 0.9 * 0.2)  # paint 0.9 x inpaint 0.2
+    assert _within_binomial(rec["outpaint"].sum(), n, 0.9 * 0.8)
+    assert not (rec["inpaint"] & rec["outpaint"]).any()
+
+
+def test_task_records_applied_corruptions_per_sample():
+    task = get_pretext("model_genesis", bezier_points=1000)
+    x = torch.randn(3, 1, 16, 16, 16)
+    s = task.corrupt(x, torch.Generator().manual_seed(0))
+    assert s.loss_mask is None and s.input.shape == x.shape and s.target.shape == x.shape
+    for k in ("flips", "local_shuffle", "nonlinear", "inverted", "inpaint", "outpaint"):
+        assert s.extras[f"mg_{k}"].shape == (3,) and s.extras[f"mg_{k}"].dtype == torch.long
+    assert s.input.dtype == torch.float32 and s.target.dtype == torch.float32
+
+
+def test_input_stays_in_patch_range_per_channel():
+    rng = np.random.default_rng(1)
+    cfg = ModelGenesisConfig(bezier_points=2000, local_rate=1.0, nonlinear_rate=1.0, paint_rate=1.0)
+    for i in range(40):
+        x = rng.standard_normal((2, 20, 20, 20)).astype(np.float32)
+        x[1] = x[1] * 50 + 300  # a channel with a very different range
+        inp, tgt, applied = model_genesis_pair(x, rng, cfg)
+        assert applied["local_shuffle"] and applied["nonlinear"] and (applied["inpaint"] or applied["outpaint"])
+        lo, hi = tgt.min(axis=(1, 2, 3)), tgt.max(axis=(1, 2, 3))
+        assert np.allclose(lo, x.min(axis=(1, 2, 3))) and np.allclose(hi, x.max(axis=(1, 2, 3)))
+        tol = 1e-5 * (hi - lo)
+        assert np.all(inp.min(axis=(1, 2, 3)) >= lo - tol) and np.all(inp.max(axis=(1, 2, 3)) <= hi + tol)
+        assert np.isfinite(inp).all()
+
+
+def test_constant_patch_gives_finite_output():
+    rng = np.random.default_rng(2)
+    x = np.full((1, 16, 16, 16), -0.7, dtype=np.float32)
+    cfg = ModelGenesisConfig(bezier_points=1000, nonlinear_rate=1.0, paint_rate=1.0)
+    for _ in range(5):
+        inp, tgt, _ = model_genesis_pair(x, rng, cfg)
+        assert np.isfinite(inp).all() and np.all(tgt == -0.7)
+
+
+def test_flips_are_applied_to_input_and_target():
+    assert random_flip_axes(np.random.default_rng(0), 1.0, 3).__len__() == 3
+    assert random_flip_axes(np.random.default_rng(0), 0.0, 3) == []
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 6, 7, 8)).astype(np.float32)
+    flips_only = ModelGenesisConfig(flip_rate=1.0, local_rate=0.0, nonlinear_rate=0.0, paint_rate=0.0)
+    combos = [apply_flips(x, [a for a in range(3) if m >> a & 1]) for m in range(8)]
+    seen = set()
+    for _ in range(30):
+        inp, tgt, applied = model_genesis_pair(x, rng, flips_only)
+        assert applied["flips"] == 3
+        assert np.array_equal(inp, tgt)  # nothing but the flips: input == target
+        match = [i for i, c in enumerate(combos) if np.array_equal(tgt, c)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) > 2  # the target really gets flipped, along different axes
+
+
+def test_corrupt_is_deterministic_given_generator():
+    task = get_pretext("model_genesis", bezier_points=1000)
+    x = torch.randn(2, 1, 20, 20, 20)
+    a = task.corrupt(x, torch.Generator().manual_seed(7))
+    b = task.corrupt(x, torch.Generator().manual_seed(7))
+    c = task.corrupt(x, torch.Generator().manual_seed(8))
+    assert torch.equal(a.input, b.input) and torch.equal(a.target, b.target)
+    assert all(torch.equal(a.extras[k], b.extras[k]) for k in a.extras)
+    assert not torch.equal(a.input, c.input)
+
+
+def test_loss_is_whole_volume_mse():
+    task = get_pretext("model_genesis", bezier_points=1000)
+    x = torch.randn(2, 1, 16, 16, 16)
+    s = task.corrupt(x, torch.Generator().manual_seed(0))
+    pred = torch.randn_like(x)
+    assert torch.allclose(task.loss(pred, s), torch.nn.functional.mse_loss(pred, s.target))
+    prev = task.preview(s, pred)
+    assert {"input", "corrupted", "prediction", "target"} <= set(prev)
+
+
+# -- local pixel shuffling ----------------------------------------------------------------------------------
+def test_shuffle_statistics_match_the_official_loop():
+    bench = _bench()
+    shape = (1, 30, 30, 20)  # window sides up to 3 x 3 x 2
+    for seed in (0, 1):
+        rng = np.random.default_rng(seed)
+        x = rng.permutation(int(np.prod(shape))).astype(np.float32).reshape(shape)  # unique values
+        vec = [bench.shuffle_statistics(x, local_pixel_shuffle(x, rng)) for _ in range(8)]
+        ref = [bench.shuffle_statistics(x, bench.local_pixel_shuffle_loop(x, rng)) for _ in range(8)]
+        changed_vec, changed_ref = np.mean([v[0] for v in vec]), np.mean([r[0] for r in ref])
+        disp_vec, disp_ref = np.mean([v[1] for v in vec], 0), np.mean([r[1] for r in ref], 0)
+        assert abs(changed_vec - changed_ref) < 0.03, (changed_vec, changed_ref)
+        assert np.all(np.abs(disp_vec - disp_ref) < 0.05), (disp_vec, disp_ref)
+
+
+def test_shuffle_is_local_and_keeps_values_and_range():
+    rng = np.random.default_rng(4)
+    shape = (2, 40, 30, 20)
+    x = rng.permutation(int(np.prod(shape))).astype(np.float32).reshape(shape)
+    out = local_pixel_shuffle(x, rng)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.min() >= x.min() and out.max() <= x.max()
+    # every output value exists in the input, at most (max side - 1) voxels away, same channel
+    sides = max_window_sides(shape[1:])
+    flat = x.reshape(-1)
+    order = np.argsort(flat)
+    src = order[np.searchsorted(flat[order], out.reshape(-1))]
+    assert np.array_equal(flat[src], out.reshape(-1))
+    src_c = np.stack(np.unravel_index(src, shape))
+    dst_c = np.stack(np.unravel_index(np.arange(flat.size), shape))
+    assert np.array_equal(src_c[0], dst_c[0])  # channels never mix
+    assert np.all(np.abs(src_c[1:] - dst_c[1:]) <= (sides - 1)[:, None])
+    assert (out != x).mean() > 0.5
+
+
+def test_single_window_is_a_permutation_of_its_voxels():
+    shape = (1, 40, 40, 40)
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        x = rng.permutation(int(np.prod(shape))).astype(np.float32).reshape(shape)
+        out = local_pixel_shuffle(x, rng, num_windows=1, rounds=1)
+        changed = np.argwhere(out[0] != x[0])
+        if len(changed) == 0:
+            continue  # a 1-voxel window (or an identity permutation)
+        lo, hi = changed.min(0), changed.max(0) + 1
+        assert np.all(hi - lo <= 4)  # max side 40 // 10
+        box = (0,) + tuple(slice(a, b) for a, b in zip(lo, hi))
+        assert np.array_equal(np.sort(out[box], axis=None), np.sort(x[box], axis=None))
+        rest = np.ones(shape, bool)
+        rest[box] = False
+        assert np.array_equal(out[rest], x[rest])
+
+
+def test_shuffle_small_patches_are_a_no_op():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 9, 9, 9)).astype(np.float32)  # 9 // 10 = 0 -> 1-voxel windows
+    assert np.array_equal(local_pixel_shuffle(x, rng), x)
+
+
+# -- intensity curve and painting ---------------------------------------------------------------------------
+def test_intensity_curve_lookup_matches_np_interp_and_shape():
+    rng = np.random.default_rng(5)
+    u = rng.random((1, 16, 16, 16)).astype(np.float32)
+    u.flat[:2] = [0.0, 1.0]
+    inverted_seen = {True: 0, False: 0}
+    for _ in range(12):
+        xs, ys, inverted = random_intensity_curve(rng, 100_000)
+        inverted_seen[inverted] += 1
+        out = apply_intensity_curve(u, xs, ys)
+        assert np.abs(out - np.interp(u, xs, ys)).max() < 1e-6
+        assert out.min() >= 0 and out.max() <= 1
+        ends = apply_intensity_curve(np.array([0.0, 1.0], dtype=np.float32), xs, ys)
+        if inverted:  # the curve runs from (1, 1) at t=0: sorted x paired with unsorted y inverts
+            assert ends[0] > 0.99 and ends[1] < 0.01
+        else:
+            assert ends[0] < 0.01 and ends[1] > 0.99
+            grid = apply_intensity_curve(np.linspace(0, 1, 1001, dtype=np.float32), xs, ys)
+            assert np.all(np.diff(grid) >= -1e-6)  # monotone increasing
+    assert inverted_seen[True] and inverted_seen[False]
+
+
+def test_in_painting_fills_boxes_inside_the_margin():
+    rng = np.random.default_rng(6)
+    x = np.full((1, 36, 36, 24), 2.0, dtype=np.float32)  # out of [0, 1] so that noise is detectable
+    n_boxes = 0
+    for _ in range(20):
+        out = in_painting(x, rng)
+        painted = np.argwhere(out[0] != 2.0)
+        assert out.min() >= 0 and (out[out != 2.0] < 1).all()
+        if len(painted):
+            n_boxes += 1
+            assert np.all(painted.min(0) >= 3) and np.all(painted.max(0) < np.array([33, 33, 21]))
+    assert n_boxes >= 15  # at least one box with probability 0.95
+
+
+def test_out_painting_keeps_boxes_and_fills_the_rest():
+    rng = np.random.default_rng(7)
+    x = np.full((1, 35, 35, 28), 2.0, dtype=np.float32)
+    for _ in range(10):
+        out = out_painting(x, rng)
+        kept = out[0] == 2.0
+        frac = kept.mean()
+        # first kept box: sides dim - randint(3 dim // 7, 4 dim // 7) ~ 3/7..4/7 of each side
+        assert (15 / 35) ** 2 * (12 / 28) * 0.99 <= frac < 0.9
+        idx = np.argwhere(kept)
+        assert np.all(idx.min(0) >= 3) and np.all(idx.max(0) < np.array([32, 32, 25]))
+        assert np.all((out[0][~kept] >= 0) & (out[0][~kept] < 1))
+
+
+def test_bad_config_is_a_clear_error():
+    from nnpre.errors import NnPreError
+
+    with pytest.raises(NnPreError, match="flip_rate"):
+        get_pretext("model_genesis", flip_rate=2.0)
+    with pytest.raises(NnPreError, match="unknown option"):
+        get_pretext("model_genesis", shuffle_rate=0.5)

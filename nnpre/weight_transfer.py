@@ -126,6 +126,9 @@ def network_family(network: nn.Module) -> str:
     from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
     net = unwrap(network)
+    fam = getattr(net, "encoder_family", None)  # e.g. the Retina U-Net declares the family of its encoder
+    if isinstance(fam, str):
+        return fam
     for cls in (ResidualEncoderUNet, PlainConvUNet):
         if isinstance(net, cls):
             return cls.__name__

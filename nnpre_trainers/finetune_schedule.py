@@ -269,6 +269,8 @@ def parameter_groups(network: nn.Module, remapped_stem: bool) -> Dict[str, List[
         while isinstance(getattr(net, attr, None), nn.Module):
             net = getattr(net, attr)
     stem = str(getattr(net, "key_to_stem", "encoder.stem")) + "."
+    # detectors declare their heads (e.g. Retina U-Net: classifier., regressor., segmenter.)
+    head_prefixes = tuple(getattr(net, "head_prefixes", ()) or ()) or ("decoder.seg_layers.",)
     names_by_id: Dict[int, List[str]] = {}
     params: Dict[int, nn.Parameter] = {}
     for name, p in net.named_parameters(remove_duplicate=False):
@@ -281,7 +283,7 @@ def parameter_groups(network: nn.Module, remapped_stem: bool) -> Dict[str, List[
             canonical = names[0][len("decoder."):]
         if canonical.startswith("encoder."):
             group = "stem" if remapped_stem and canonical.startswith(stem) else "encoder"
-        elif canonical.startswith("decoder.seg_layers."):
+        elif canonical.startswith("decoder.seg_layers.") or canonical.startswith(head_prefixes):
             group = "heads"
         elif canonical.startswith("decoder."):
             group = "decoder"

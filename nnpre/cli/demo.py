@@ -1,0 +1,391 @@
+"""``nnPre_demo``: the whole study on built-in synthetic data — pretrain → fine-tune → evaluate → report.
+
+1. synthetic data (labelled set + held-out test set + unlabelled pool, :mod:`nnpre.synthetic`);
+2. planning and preprocessing with the nnPre planner (both datasets, same geometry);
+3. pretraining with MAE, Model Genesis and diffusion on the pool;
+4. segmentation fine-tuning from each checkpoint and from scratch (5 % decoder-only warm-up for the
+   pretrained runs) for each labelled-set size and seed;
+5. evaluation on the test set: Dice (nnU-Net's evaluation) and detection metrics (FROC, AP@IoU 0.1,
+   nnDetection definitions) of the connected components of each segmentation, scored by their maximum
+   foreground probability (nnDetection's "nnU-Net basic" import);
+6. a report folder: ``report.md`` (method × labelled cases, mean ± std over seeds), ``results.json``,
+   PNG plots (metric vs labelled cases, pretraining loss curves and previews, FROC curves).
+
+Every stage writes a marker when it completes; rerunning skips finished stages and redoes unfinished ones.
+The ``cpu-tiny`` preset (default) fits in about 15 minutes on 2 CPU cores; ``--preset gpu`` uses the
+faithful defaults (1 mm, 128³, ResEnc-L, full training lengths).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from nnpre.cli._common import cli_entry
+
+METHODS = ("mae", "mg", "diffusion")
+
+
+@dataclass
+class DemoBudget:
+    """Training lengths per preset (epochs × iterations)."""
+
+    pretrain_epochs: int
+    pretrain_iterations: int
+    finetune_epochs: int
+    finetune_iterations: int
+    n_train: int
+    n_test: int
+    n_pool: int
+    difficulty: str
+
+
+BUDGETS = {
+    # Calibrated for ~15 min on 2 cores (see README "The demo"); the synthetic "medium" difficulty leaves
+    # room between 2 and 8 labelled cases at this training length.
+    "cpu-tiny": DemoBudget(4, 15, 6, 25, 8, 4, 12, "medium"),
+    "gpu": DemoBudget(1000, 250, 1000, 250, 40, 20, 200, "default"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnPre_demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="nnpre_demo_out", help="output folder (default ./nnpre_demo_out)")
+    p.add_argument("--preset", default="cpu-tiny", choices=sorted(BUDGETS))
+    p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per configuration (default 1)")
+    p.add_argument("--labelled", default="2,8", help="labelled-set sizes, comma separated (default 2,8)")
+    p.add_argument("--methods", default=",".join(METHODS), help="pretext tasks (default mae,mg,diffusion)")
+    p.add_argument("--pretrain-iterations", type=int, default=None, help="override: iterations per epoch")
+    p.add_argument("--pretrain-epochs", type=int, default=None)
+    p.add_argument("--finetune-iterations", type=int, default=None)
+    p.add_argument("--finetune-epochs", type=int, default=None)
+    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--n-test", type=int, default=None)
+    p.add_argument("--n-pool", type=int, default=None)
+    p.add_argument("--difficulty", default=None, help="synthetic difficulty: default, medium or easy")
+    return p
+
+
+class Stages:
+    """Completion markers: ``<out>/stages/<name>.json`` written atomically after a stage succeeded."""
+
+    def __init__(self, out: str):
+        self.folder = os.path.join(out, "stages")
+        os.makedirs(self.folder, exist_ok=True)
+
+    def done(self, name: str) -> Optional[dict]:
+        p = os.path.join(self.folder, name + ".json")
+        if not os.path.isfile(p):
+            return None
+        with open(p) as f:
+            rec = json.load(f)
+        files = rec.get("files", [])
+        return rec if all(os.path.exists(x) for x in files) else None
+
+    def mark(self, name: str, rec: dict) -> None:
+        from nnpre.atomic import write_json
+
+        write_json(rec, os.path.join(self.folder, name + ".json"))
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _predict_and_evaluate(trainer, images_ts: str, labels_ts: str, out_dir: str) -> dict:
+    """Sliding-window prediction of the test set, Dice and component-level detection metrics."""
+    import numpy as np
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnpre_detection.instances import boxes_from_instances, load_ground_truth, semantic_to_instances
+    from nnpre_detection.metrics.evaluate import evaluate_boxes, evaluate_segmentation
+    import SimpleITK as sitk
+
+    net = trainer.unwrapped_network
+    net.eval()
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=False, device=trainer.device, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.manual_initialization(net, trainer.plans_manager, trainer.configuration_manager, None,
+                                    trainer.dataset_json, type(trainer).__name__, None)
+    pred_dir = os.path.join(out_dir, "seg")
+    shutil.rmtree(pred_dir, ignore_errors=True)
+    with torch.no_grad():
+        predictor.predict_from_files_sequential(images_ts, pred_dir, save_probabilities=True, overwrite=True)
+    seg = evaluate_segmentation(pred_dir, labels_ts, os.path.join(out_dir, "seg_metrics.json"))
+    dice = _lesion_dice(seg)
+    # detection: connected components of the predicted lesion label, score = max foreground probability
+    preds = {}
+    for f in sorted(os.listdir(pred_dir)):
+        if not f.endswith(".nii.gz"):
+            continue
+        case = f[: -len(".nii.gz")]
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(pred_dir, f)))
+        prob = np.load(os.path.join(pred_dir, case + ".npz"))["probabilities"][1]
+        inst, _ = semantic_to_instances((lab == 1).astype(np.uint8), classes=[1])
+        boxes, ids = boxes_from_instances(inst)
+        scores = np.array([float(prob[inst == i].max()) for i in ids], dtype=np.float32)
+        preds[case] = {"boxes": boxes, "scores": np.clip(scores, 0, 1), "labels": np.zeros(len(ids), np.int64)}
+    gts = load_ground_truth(labels_ts, semantic_classes=[1])
+    det = evaluate_boxes(preds, gts, classes=1)
+    from nnpre.atomic import write_json
+    from nnpre_detection.metrics.evaluate import to_json_ready
+
+    write_json(to_json_ready(det), os.path.join(out_dir, "det_metrics.json"))
+    return {"dice": dice, "AP_IoU_0.10": _num(det.get("AP_IoU_0.10_MaxDet_100")),
+            "FROC_IoU_0.10": _num(det.get("FROC_score_IoU_0.10")),
+            "froc_curve": to_json_ready(det.get("FROC_curve_IoU_0.10") or det.get("froc_curve"))}
+
+
+def _num(v) -> Optional[float]:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if v == v else None
+
+
+def _lesion_dice(seg_metrics: dict) -> Optional[float]:
+    """Dice of label 1 from nnU-Net's summary (its key layout differs slightly between versions)."""
+    mean = seg_metrics.get("mean") or seg_metrics.get("metrics", {}).get("mean") or {}
+    for k in ("1", 1, "(1,)"):
+        if k in mean and "Dice" in mean[k]:
+            return _num(mean[k]["Dice"])
+    fg = seg_metrics.get("foreground_mean") or {}
+    return _num(fg.get("Dice"))
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from nnpre.errors import fail
+    from nnpre.nnunet_env import use_root
+    from nnpre.synthetic import get_synth_config, make_study
+    from planners.pipeline import plan_dataset
+
+    budget = BUDGETS[args.preset]
+    over = {k: getattr(args, k) for k in ("pretrain_iterations", "pretrain_epochs", "finetune_iterations",
+                                          "finetune_epochs", "n_train", "n_test", "n_pool", "difficulty")}
+    budget = DemoBudget(**{k: (over[k] if over.get(k) is not None else v) for k, v in budget.__dict__.items()})
+    try:
+        sizes = sorted({int(s) for s in str(args.labelled).split(",") if s.strip()})
+    except ValueError:
+        fail(f"--labelled expects comma-separated integers, got '{args.labelled}'")
+    if not sizes or min(sizes) < 1 or max(sizes) > budget.n_train:
+        fail(f"--labelled sizes must be between 1 and the {budget.n_train} labelled training cases, got {sizes}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        fail(f"unknown pretext method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if args.seeds < 1:
+        fail("--seeds must be >= 1")
+
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    use_root(os.path.join(out, "nnunet"))
+    os.environ.setdefault("nnUNet_n_proc_DA", "1")
+    os.environ.setdefault("nnUNet_compile", "false")
+    stages = Stages(out)
+    labelled_id, pool_id = 501, 502
+    preset = args.preset
+    runs = [(m, n, s) for n in sizes for s in range(args.seeds) for m in ["scratch"] + methods]
+    jobs = ["data", "plan"] + [f"pretrain_{m}" for m in methods] + [f"finetune_{m}_n{n}_s{s}" for m, n, s in runs]
+    bar = tqdm(jobs, desc="nnPre demo", unit="stage")
+    t0 = time.time()
+    results: Dict[str, dict] = {}
+
+    def step(name):
+        bar.set_postfix_str(name)
+
+    # 1. data ------------------------------------------------------------------------------------------------
+    step("data")
+    raw = os.environ["nnUNet_raw"]
+    if not stages.done("data"):
+        paths = make_study(os.path.join(out, "nnunet"), seed=0, n_train=budget.n_train, n_test=budget.n_test,
+                           n_pool=budget.n_pool, labelled_id=labelled_id, pool_id=pool_id,
+                           config=get_synth_config(budget.difficulty), progress=False)
+        stages.mark("data", {"files": [paths["labelled"], paths["pool"]], "difficulty": budget.difficulty})
+    data = stages.done("data")
+    labelled_dir, pool_dir = data["files"]
+    bar.update()
+
+    # 2. plan ------------------------------------------------------------------------------------------------
+    step("plan")
+    if not stages.done("plan"):
+        r1 = plan_dataset(labelled_id, preset=preset, num_processes=1)
+        r2 = plan_dataset(pool_id, preset=preset, num_processes=1)
+        stages.mark("plan", {"files": [r1.preprocessed_folder, r2.preprocessed_folder]})
+    bar.update()
+
+    # 3. pretrain --------------------------------------------------------------------------------------------
+    from nnpre_trainers.aliases import PRETRAIN_TRAINERS
+    from nnpre_trainers.run import make_trainer
+
+    checkpoints = {}
+    for m in methods:
+        step(f"pretrain_{m}")
+        name = f"pretrain_{m}"
+        rec = stages.done(name)
+        if not rec:
+            _seed_everything(0)
+            t = make_trainer(PRETRAIN_TRAINERS[m], pool_id, "nnPreResEncLPlans", fold="all",
+                             epochs=budget.pretrain_epochs, iterations=budget.pretrain_iterations)
+            t.num_val_iterations_per_epoch = 2
+            t.save_every = max(1, budget.pretrain_epochs)
+            t.seed = 0
+            t.run_training()
+            ck = os.path.join(t.output_folder, "checkpoint_final.pth")
+            log = t.logger.local_logger.my_fantastic_logging
+            rec = {"files": [ck], "train_losses": [float(x) for x in log["train_losses"]],
+                   "val_losses": [float(x) for x in log["val_losses"]], "folder": t.output_folder}
+            stages.mark(name, rec)
+        checkpoints[m] = rec["files"][0]
+        results[name] = rec
+        bar.update()
+
+    # 4./5. fine-tune and evaluate -----------------------------------------------------------------------------
+    from nnpre_trainers.finetune_trainer import nnPreFineTuneTrainer
+
+    images_ts, labels_ts = os.path.join(labelled_dir, "imagesTs"), os.path.join(labelled_dir, "labelsTs")
+    for m, n, s in runs:
+        name = f"finetune_{m}_n{n}_s{s}"
+        step(name)
+        rec = stages.done(name)
+        if not rec:
+            _seed_everything(100 + s)
+            t = make_trainer(nnPreFineTuneTrainer, labelled_id, "nnPreResEncLPlans", fold="all",
+                             epochs=budget.finetune_epochs, iterations=budget.finetune_iterations)
+            t.num_val_iterations_per_epoch = 2
+            t.save_every = max(1, budget.finetune_epochs)
+            t.configure_finetuning(pretrained=None if m == "scratch" else checkpoints[m], from_scratch=m == "scratch",
+                                   num_train_cases=n, tag=f"{m}_n{n}_s{s}")
+            t.run_training()
+            metrics = _predict_and_evaluate(t, images_ts, labels_ts, os.path.join(t.output_folder, "test"))
+            rec = {"files": [os.path.join(t.output_folder, "checkpoint_final.pth")], "method": m, "labelled": n,
+                   "seed": s, **metrics}
+            stages.mark(name, rec)
+        results[name] = rec
+        bar.update()
+    bar.close()
+
+    # 6. report ----------------------------------------------------------------------------------------------
+    report = write_report(out, results, methods, sizes, args.seeds, budget, preset, time.time() - t0)
+    print(report)
+    print(f"\nreport: {os.path.join(out, 'report', 'report.md')}")
+    return 0
+
+
+def _agg(values: List[Optional[float]]) -> str:
+    import numpy as np
+
+    v = [x for x in values if x is not None]
+    if not v:
+        return "n/a"
+    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def write_report(out: str, results: dict, methods: List[str], sizes: List[int], seeds: int,
+                 budget: DemoBudget, preset: str, seconds: float) -> str:
+    """Markdown table, JSON and PNG plots in ``<out>/report``; returns the Markdown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from nnpre.atomic import write_json, write_with
+
+    rep = os.path.join(out, "report")
+    os.makedirs(rep, exist_ok=True)
+    all_methods = ["scratch"] + list(methods)
+    table: Dict[str, Dict[int, dict]] = {}
+    for m in all_methods:
+        for n in sizes:
+            recs = [results.get(f"finetune_{m}_n{n}_s{s}", {}) for s in range(seeds)]
+            table.setdefault(m, {})[n] = {k: [r.get(k) for r in recs] for k in ("dice", "AP_IoU_0.10", "FROC_IoU_0.10")}
+    lines = [f"# nnPre demo report ({preset})", "",
+             f"Synthetic data: difficulty '{budget.difficulty}', {budget.n_train} labelled training cases, "
+             f"{budget.n_test} test cases, {budget.n_pool} unlabelled pool cases. Pretraining "
+             f"{budget.pretrain_epochs}×{budget.pretrain_iterations} iterations, fine-tuning "
+             f"{budget.finetune_epochs}×{budget.finetune_iterations} iterations (5 % decoder-only warm-up when "
+             f"pretrained), {seeds} seed(s). Values: mean ± std over seeds on the test set. Total time "
+             f"{seconds / 60:.1f} min.", ""]
+    for metric, title in (("dice", "Lesion Dice"), ("AP_IoU_0.10", "AP @ IoU 0.1"), ("FROC_IoU_0.10", "FROC @ IoU 0.1")):
+        lines += [f"## {title}", "", "| method | " + " | ".join(f"{n} labelled" for n in sizes) + " |",
+                  "|---|" + "---|" * len(sizes)]
+        for m in all_methods:
+            lines.append(f"| {m} | " + " | ".join(_agg(table[m][n][metric]) for n in sizes) + " |")
+        lines.append("")
+    # honest reading of the claim "pretraining beats scratch, most with few labels"
+    lines += ["## Does pretraining beat scratch?", ""]
+    for n in sizes:
+        base = [x for x in table["scratch"][n]["dice"] if x is not None]
+        for m in methods:
+            v = [x for x in table[m][n]["dice"] if x is not None]
+            if base and v:
+                d = float(np.mean(v) - np.mean(base))
+                lines.append(f"- {n} labelled, {m}: Dice {'+' if d >= 0 else ''}{d:.3f} vs scratch "
+                             f"({'better' if d > 0 else 'not better'})")
+    lines += ["", "Short CPU runs are noisy: treat single-seed differences below a few Dice points as noise.", ""]
+    md = "\n".join(lines)
+    write_with(lambda p: open(p, "w").write(md), os.path.join(rep, "report.md"))
+    write_json({"results": results, "table": table, "budget": budget.__dict__, "preset": preset}, os.path.join(rep, "results.json"))
+    # metric vs labelled cases
+    for metric in ("dice", "AP_IoU_0.10", "FROC_IoU_0.10"):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for m in all_methods:
+            ys = [np.mean([x for x in table[m][n][metric] if x is not None] or [np.nan]) for n in sizes]
+            ax.plot(sizes, ys, "-o", label=m)
+        ax.set_xlabel("labelled training cases")
+        ax.set_ylabel(metric)
+        ax.legend()
+        fig.tight_layout()
+        write_with(lambda p: fig.savefig(p, dpi=90), os.path.join(rep, f"{metric}_vs_labelled.png"))
+        plt.close(fig)
+    # pretraining loss curves and previews
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m in methods:
+        rec = results.get(f"pretrain_{m}", {})
+        if rec.get("train_losses"):
+            tr = np.asarray(rec["train_losses"], float)
+            ax.plot(np.arange(1, len(tr) + 1), tr / tr[0], "-o", label=m)
+        prev = os.path.join(rec.get("folder", ""), "previews")
+        if os.path.isdir(prev) and os.listdir(prev):
+            shutil.copyfile(os.path.join(prev, sorted(os.listdir(prev))[-1]), os.path.join(rep, f"preview_{m}.png"))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss / first epoch")
+    ax.legend()
+    fig.tight_layout()
+    write_with(lambda p: fig.savefig(p, dpi=90), os.path.join(rep, "pretrain_loss_curves.png"))
+    plt.close(fig)
+    # FROC curves at the smallest labelled size, seed 0
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m in all_methods:
+        c = results.get(f"finetune_{m}_n{sizes[0]}_s0", {}).get("froc_curve")
+        if isinstance(c, dict) and c.get("fps_per_image") and c.get("sensitivity"):
+            ax.plot(c["fps_per_image"], c["sensitivity"], label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("false positives per scan")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"FROC, {sizes[0]} labelled")
+    ax.legend()
+    fig.tight_layout()
+    write_with(lambda p: fig.savefig(p, dpi=90), os.path.join(rep, "froc_curves.png"))
+    plt.close(fig)
+    return md
+
+
+main = cli_entry(run, build_parser)
+
+if __name__ == "__main__":
+    main()

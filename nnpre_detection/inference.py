@@ -1,0 +1,275 @@
+"""Whole-case Retina U-Net inference: sliding window, mirror TTA, WBC merge, boxes in image and world space.
+
+Pipeline per case (nnDetection's, with nnU-Net preprocessing):
+
+1. the plans' preprocessor (``configuration_manager.preprocessor_class().run_case``): crop to nonzero,
+   resample to the plans spacing, normalise; array axes stay those of ``SimpleITK.GetArrayFromImage``
+   (nnpre plans never transpose);
+2. :func:`predict_case`: tiles of ``patch_size`` with ``overlap`` (nnU-Net's tile steps; images smaller than a
+   patch are zero-padded at the end), per tile and per mirror variant ``RetinaUNet.predict_patch``, boxes
+   flipped back (:func:`flip_boxes`) and shifted to the case, merged with weighted box clustering
+   (``n_exp_preds`` = number of mirror variants, IoU 0.5 as nnDetection's ensembler);
+3. :func:`to_original_index` undoes resampling and cropping; :func:`boxes_to_world` maps corners with
+   ``TransformContinuousIndexToPhysicalPoint`` (array axes (0, 1, 2) = SimpleITK index (2, 1, 0)).
+
+Coordinates follow :mod:`nnpre_detection.instances`: voxel centres sit at integer coordinates, boxes are
+``(a0_1, a1_1, a0_2, a1_2, a2_1, a2_2)``.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from nnpre.errors import fail
+from nnpre_detection.boxes import HI_3D, LO_3D, clip_boxes
+from nnpre_detection.wbc import weighted_box_clustering
+
+#: WBC IoU threshold for merging tiles / TTA variants (nnDetection ensembler: 0.5).
+WBC_IOU = 0.5
+#: nnU-Net's input naming: ``<case>_<4-digit channel><ending>``.
+CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})(?P<ending>\.nii\.gz|\.nii|\.mha|\.nrrd)$")
+
+
+def flip_boxes(boxes: torch.Tensor, axes: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """Boxes predicted on an image flipped along ``axes`` -> boxes of the unflipped image.
+
+    Voxel centres are integer coordinates, so flipping axis k of size S maps coordinate c to S - 1 - c and
+    swaps the bounds: ``lo' = S - 1 - hi``, ``hi' = S - 1 - lo`` (its own inverse).
+
+    Args:
+        boxes: (N, 6) nnDetection layout. axes: spatial axes 0..2 that were flipped. shape: (X, Y, Z).
+    """
+    out = boxes.clone()
+    for k in axes:
+        lo, hi = LO_3D[k], HI_3D[k]
+        s = float(shape[k]) - 1.0
+        out[:, lo] = s - boxes[:, hi]
+        out[:, hi] = s - boxes[:, lo]
+    return out
+
+
+def _starts(size: int, tile: int, overlap: float) -> List[int]:
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    return compute_steps_for_sliding_window((size,), (tile,), 1.0 - overlap)[0]
+
+
+@torch.no_grad()
+def predict_case(model, image: torch.Tensor, patch_size: Sequence[int], overlap: float = 0.5, mirror: bool = True,
+                 mirror_axes: Sequence[int] = (0, 1, 2)) -> Dict[str, torch.Tensor]:
+    """Detections of one preprocessed case.
+
+    Args:
+        model: :class:`~nnpre_detection.retina_unet.RetinaUNet` (put in eval mode here).
+        image: (C, X, Y, Z) float preprocessed image (any device; tiles run on the model's device).
+        patch_size: (3,) tile size (the plans' patch size).
+        overlap: tile overlap fraction in [0, 1) (nnU-Net default 0.5).
+        mirror: test-time mirroring over every subset of ``mirror_axes`` (8 variants for 3 axes).
+
+    Returns:
+        ``{"boxes": (K, 6) float32 in case voxel coordinates, "scores": (K,), "labels": (K,) long}`` on CPU.
+    """
+    if image.ndim != 4:
+        fail(f"predict_case expects a (C, X, Y, Z) image, got shape {tuple(image.shape)}")
+    if not 0 <= overlap < 1:
+        fail(f"overlap must be in [0, 1), got {overlap}")
+    model.eval()
+    device = next(model.parameters()).device
+    shape = tuple(int(s) for s in image.shape[1:])
+    ps = tuple(int(p) for p in patch_size)
+    padded = tuple(max(s, p) for s, p in zip(shape, ps))
+    img = image.float()
+    if padded != shape:
+        img = torch.nn.functional.pad(img, [v for s, p in zip(reversed(shape), reversed(padded)) for v in (0, p - s)])
+    variants = [()]
+    if mirror:
+        variants = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
+    boxes, scores, labels = [], [], []
+    for start in itertools.product(*[_starts(s, p, overlap) for s, p in zip(padded, ps)]):
+        tile = img[:, start[0]:start[0] + ps[0], start[1]:start[1] + ps[1], start[2]:start[2] + ps[2]]
+        tile = tile.to(device)[None]
+        offset = torch.tensor([start[0], start[1], start[0], start[1], start[2], start[2]], dtype=torch.float32)
+        for axes in variants:
+            x = torch.flip(tile, [a + 2 for a in axes]) if axes else tile
+            det = model.predict_patch(x)[0]
+            b = det["boxes"].float().cpu()
+            if axes:
+                b = flip_boxes(b, axes, ps)
+            boxes.append(b + offset)
+            scores.append(det["scores"].float().cpu())
+            labels.append(det["labels"].long().cpu())
+    b, s, lab = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+    if b.shape[0]:
+        b = clip_boxes(b, shape)
+        b, s, lab = weighted_box_clustering(b, s, lab, n_exp_preds=float(len(variants)), iou_threshold=WBC_IOU)
+    return {"boxes": b.reshape(-1, 6), "scores": s.reshape(-1), "labels": lab.reshape(-1)}
+
+
+def to_original_index(boxes: np.ndarray, preprocessed_shape: Sequence[int], properties: dict) -> np.ndarray:
+    """Map boxes from the preprocessed array to the original image's array index space.
+
+    Undoes resampling (scale ``cropped / resampled`` per axis, voxel-centre aligned: ``c -> (c + 0.5) * f -
+    0.5``) and cropping (adds ``bbox_used_for_cropping`` lower bounds).
+
+    Args:
+        boxes: (N, 6) in preprocessed voxel coordinates. preprocessed_shape: (X, Y, Z) of the preprocessed array.
+        properties: the preprocessor's properties (``shape_after_cropping_and_before_resampling``,
+            ``bbox_used_for_cropping``).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
+    cropped = properties["shape_after_cropping_and_before_resampling"]
+    bbox = properties["bbox_used_for_cropping"]
+    out = boxes.copy()
+    for k in range(3):
+        f = float(cropped[k]) / float(preprocessed_shape[k])
+        for col in (LO_3D[k], HI_3D[k]):
+            out[:, col] = (boxes[:, col] + 0.5) * f - 0.5 + float(bbox[k][0])
+    return out
+
+
+def boxes_to_world(boxes: np.ndarray, reference) -> np.ndarray:
+    """World bounding boxes ``(xmin, ymin, zmin, xmax, ymax, zmax)`` in mm of index-space boxes.
+
+    Args:
+        boxes: (N, 6) nnDetection layout in array index space (axis 0 = SimpleITK index 2).
+        reference: the ``SimpleITK.Image`` the array came from (origin, spacing, direction).
+
+    Returns:
+        (N, 6) float64: min / max over the 8 transformed box corners.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
+    out = np.zeros((boxes.shape[0], 6))
+    for i, b in enumerate(boxes):
+        pts = []
+        for a0, a1, a2 in itertools.product((b[0], b[2]), (b[1], b[3]), (b[4], b[5])):
+            pts.append(reference.TransformContinuousIndexToPhysicalPoint((float(a2), float(a1), float(a0))))
+        pts = np.asarray(pts)
+        out[i, :3], out[i, 3:] = pts.min(0), pts.max(0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ model I/O
+def find_checkpoint(model_dir: str, checkpoint: str = "checkpoint_final.pth") -> str:
+    """``model_dir/checkpoint`` or, for a trainer folder, ``model_dir/fold_*/checkpoint`` (exactly one)."""
+    direct = os.path.join(model_dir, checkpoint)
+    if os.path.isfile(direct):
+        return direct
+    if not os.path.isdir(model_dir):
+        fail(f"model folder {model_dir} does not exist")
+    found = sorted(os.path.join(model_dir, d, checkpoint) for d in os.listdir(model_dir)
+                   if d.startswith("fold_") and os.path.isfile(os.path.join(model_dir, d, checkpoint)))
+    if len(found) != 1:
+        fail(f"{model_dir}: expected {checkpoint} in the folder or in exactly one fold_* subfolder, found "
+             f"{len(found)}; pass the fold folder with -m")
+    return found[0]
+
+
+def load_detector(checkpoint_path: str, device: torch.device = torch.device("cpu")):
+    """Rebuild the Retina U-Net of a ``nnPreDetectionTrainer`` checkpoint (loaded with ``weights_only=True``).
+
+    Returns:
+        (model in eval mode on ``device``, the checkpoint's ``nnpre_detection`` dict).
+    """
+    from nnpre.checkpoints import safe_load, strip_prefixes
+    from nnpre_detection.retina_unet import build_retina_unet
+
+    ck = safe_load(checkpoint_path)
+    info = ck.get("nnpre_detection")
+    if not isinstance(info, dict):
+        fail(f"{checkpoint_path} is not a detection checkpoint (no 'nnpre_detection' entry); train with "
+             f"nnPre_train detect")
+    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in info["config"].items()}
+    model = build_retina_unet(info["arch_class_name"], info["arch_kwargs"], int(info["num_input_channels"]),
+                              int(info["num_classes"]), anchor_sizes=info["anchor_sizes"],
+                              arch_kwargs_req_import=info["arch_kwargs_req_import"], **cfg)
+    model.load_state_dict(strip_prefixes(ck["network_weights"]))
+    return model.to(device).eval(), info
+
+
+# ------------------------------------------------------------------------------------------------ folders
+def group_input_files(in_folder: str, num_channels: int, file_ending: Optional[str] = None) -> Dict[str, List[str]]:
+    """``{case: [channel files in order]}`` for nnU-Net-named inputs (``case_0000.nii.gz``, ...)."""
+    if not os.path.isdir(in_folder):
+        fail(f"input folder {in_folder} does not exist")
+    cases: Dict[str, Dict[int, str]] = {}
+    for fn in sorted(os.listdir(in_folder)):
+        m = CHANNEL_RE.match(fn)
+        if m is None or (file_ending and m.group("ending") != file_ending):
+            continue
+        cases.setdefault(m.group("case"), {})[int(m.group("ch"))] = os.path.join(in_folder, fn)
+    if not cases:
+        fail(f"{in_folder}: no input images named like CASE_0000{file_ending or '.nii.gz'}")
+    out = {}
+    for case, chans in cases.items():
+        if sorted(chans) != list(range(num_channels)):
+            fail(f"{in_folder}: case '{case}' has channels {sorted(chans)} but the model expects "
+                 f"{list(range(num_channels))} (files {case}_0000..{case}_{num_channels - 1:04d}); add or remove "
+                 f"channel files")
+        out[case] = [chans[c] for c in range(num_channels)]
+    return out
+
+
+def check_finite(files: Sequence[str]):
+    """Read ``files`` with SimpleITK; NaN/inf voxels -> NnPreError naming the file. Returns the first image.
+
+    (ITK's NIfTI reader already turns NaN into 0; MHA/NRRD keep them.)
+    """
+    import SimpleITK as sitk
+
+    ref = None
+    for f in files:
+        im = sitk.ReadImage(f)
+        if not np.isfinite(sitk.GetArrayViewFromImage(im)).all():
+            fail(f"{f} contains NaN/inf voxels; fix or replace them (e.g. with 0) before prediction")
+        ref = ref or im
+    return ref
+
+
+def predict_folder(model_dir: str, in_folder: str, out_folder: str, checkpoint: str = "checkpoint_final.pth",
+                   mirror: bool = True, overlap: float = 0.5, device: torch.device = torch.device("cpu"),
+                   progress: bool = True) -> List[str]:
+    """Predict every case of ``in_folder`` and write ``out_folder/<case>.json`` (atomically).
+
+    Returns:
+        the written JSON paths. JSON keys: ``case, boxes, scores, labels, boxes_world, spacing, origin,
+        direction`` (see :mod:`nnpre_detection.metrics.io`).
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from tqdm import tqdm
+
+    from nnpre.atomic import write_json
+
+    model, info = load_detector(find_checkpoint(model_dir, checkpoint), device)
+    plans_manager = PlansManager(info["plans"])
+    cm = plans_manager.get_configuration(info["configuration"])
+    dataset_json = info["dataset_json"]
+    cases = group_input_files(in_folder, int(info["num_input_channels"]), dataset_json.get("file_ending"))
+    os.makedirs(out_folder, exist_ok=True)
+    preprocessor = cm.preprocessor_class(verbose=False)
+    written = []
+    for case, files in tqdm(cases.items(), desc="predict", disable=not progress):
+        ref = check_finite(files)
+        data, _, props = preprocessor.run_case(files, None, plans_manager, cm, dataset_json)
+        det = predict_case(model, torch.from_numpy(np.asarray(data, dtype=np.float32)), cm.patch_size,
+                           overlap=overlap, mirror=mirror)
+        boxes = to_original_index(det["boxes"].numpy(), data.shape[1:], props)
+        orig_shape = props["shape_before_cropping"]
+        boxes = clip_boxes(torch.from_numpy(boxes), orig_shape).numpy()
+        path = os.path.join(out_folder, f"{case}.json")
+        write_json({
+            "case": case,
+            "boxes": boxes.tolist(),
+            "scores": det["scores"].tolist(),
+            "labels": det["labels"].tolist(),
+            "boxes_world": boxes_to_world(boxes, ref).tolist(),
+            "spacing": list(ref.GetSpacing()),
+            "origin": list(ref.GetOrigin()),
+            "direction": list(ref.GetDirection()),
+        }, path)
+        written.append(path)
+    return written

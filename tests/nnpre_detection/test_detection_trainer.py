@@ -1,0 +1,191 @@
+"""Detection training (nnPre_train detect) and whole-case inference (nnPre_predict) on a tiny dataset."""
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnpre.errors import NnPreError
+
+
+def test_flip_boxes_maps_back_exactly():
+    from nnpre_detection.inference import flip_boxes
+    from nnpre_detection.instances import boxes_from_instances
+
+    rng = np.random.default_rng(0)
+    shape = (9, 12, 7)
+    inst = np.zeros(shape, dtype=np.int32)
+    inst[1:4, 0:5, 2:3] = 1
+    inst[6:9, 7:12, 0:7] = 2
+    inst[rng.integers(0, 9), rng.integers(0, 12), rng.integers(0, 7)] = 3
+    ref, _ = boxes_from_instances(inst)
+    ref = torch.from_numpy(ref)
+    for axes in [(0,), (1,), (2,), (0, 2), (0, 1, 2)]:
+        flipped, _ = boxes_from_instances(np.flip(inst, axes).copy())
+        back = flip_boxes(torch.from_numpy(flipped), axes, shape)
+        assert torch.equal(back, ref), axes
+        assert torch.equal(flip_boxes(back, axes, shape), torch.from_numpy(flipped))  # involution
+
+
+def test_targets_from_seg_boxes_and_labels():
+    from nnpre_detection.trainer import targets_from_seg
+
+    seg = torch.zeros(2, 1, 8, 8, 8)
+    seg[0, 0, 1:3, 1:3, 1:3] = 1
+    seg[0, 0, 5:7, 5:8, 4:5] = 2
+    seg[1, 0, 0, 0, 0] = -1  # nnU-Net padding marker -> background
+    t = targets_from_seg(seg)
+    assert t[0]["boxes"].tolist() == [[0, 0, 3, 3, 0, 3], [4, 4, 7, 8, 3, 5]]
+    assert t[0]["labels"].tolist() == [0, 1]
+    assert t[1]["boxes"].shape == (0, 6) and t[1]["labels"].shape == (0,) and t[1]["seg"].max() == 0
+
+
+def test_detection_train_and_predict(nnunet_root, tmp_path):
+    """Train 4 x 6 iterations, predict the training images: boxes land on the lesions (better than chance)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    np.random.seed(0)  # nnU-Net's data loader draws from the global numpy RNG
+    from nnpre_testdata import write_raw_dataset
+    from planners.pipeline import plan_dataset
+
+    from nnpre.cli.predict import main as predict_main
+    from nnpre_detection.boxes import box_iou
+    from nnpre_detection.inference import check_finite, predict_folder
+    from nnpre_detection.instances import boxes_from_instances
+    from nnpre_detection.metrics.io import read_prediction
+    from nnpre_detection.trainer import nnPreDetectionTrainer
+    from nnpre_trainers.run import make_trainer
+
+    raw = write_raw_dataset(nnunet_root, did=47, n_cases=3)
+    r = plan_dataset(47, preset="cpu-tiny", num_processes=1)
+    _check_map_back(raw, r.plans)
+    _check_pretrained(r.plans, 47, tmp_path)
+    t = make_trainer(nnPreDetectionTrainer, 47, "nnPreResEncLPlans", fold="all", device="cpu", epochs=4, iterations=6)
+    t.num_val_iterations_per_epoch = 1
+    t.show_progress = False
+    t.configure_detection(tag="test", head_channels=16)
+    t.run_training()
+    final = os.path.join(t.output_folder, "checkpoint_final.pth")
+    ck = torch.load(final, weights_only=True, map_location="cpu")
+    assert ck["nnpre_detection"]["num_classes"] == 1 and ck["current_epoch"] == 4
+    # anchors were fitted to the training boxes and stored for inference
+    assert t.anchor_sizes is not None
+    assert ck["nnpre_detection"]["anchor_sizes"][0] == [list(a) for a in t.anchor_sizes.sizes_per_level()[0]]
+    losses = t.logger.local_logger.my_fantastic_logging
+    assert len(losses["train_losses"]) == 4 and all(np.isfinite(losses["val_losses"]))
+    assert losses["train_losses"][-1] < losses["train_losses"][0]
+
+    out = tmp_path / "preds"
+    images = os.path.join(raw, "imagesTr")
+    assert predict_main(["-i", images, "-o", str(out), "-m", t.output_folder, "--device", "cpu"]) == 0
+    written = sorted(str(out / f) for f in os.listdir(out))
+    assert sorted(os.path.basename(p) for p in written) == ["c000.json", "c001.json", "c002.json"]
+    top_iou, chance_iou = [], []
+    rng = np.random.default_rng(0)
+    for p in written:
+        with open(p) as f:
+            d = json.load(f)
+        assert set(d) == {"case", "boxes", "scores", "labels", "boxes_world", "spacing", "origin", "direction"}
+        pred = read_prediction(p)
+        n = pred["boxes"].shape[0]
+        assert pred["boxes"].shape == (n, 6) and pred["scores"].shape == (n,) and len(d["boxes_world"]) == n
+        shape = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(images, d["case"] + "_0000.nii.gz"))).shape
+        b = pred["boxes"]
+        if n:
+            assert (b[:, [0, 1, 4]] <= b[:, [2, 3, 5]]).all()
+            assert (b[:, [0, 1, 4]] >= 0).all() and (b[:, [2, 3, 5]] <= np.array(shape)).all()
+            w = np.asarray(d["boxes_world"])
+            assert (w[:, :3] <= w[:, 3:]).all()
+            lab = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(raw, "labelsTr", d["case"] + ".nii.gz")))
+            gt = torch.from_numpy(boxes_from_instances(lab.astype(np.int32))[0])
+            top = torch.from_numpy(b[:1])
+            top_iou.append(float(box_iou(top, gt).max()))
+            # chance: the same box at uniformly random positions inside the image
+            size = (top[0, [2, 3, 5]] - top[0, [0, 1, 4]]).numpy()
+            lo = rng.uniform(0, np.maximum(np.array(shape) - size, 1e-3), size=(200, 3))
+            rand = torch.from_numpy(np.stack([lo[:, 0], lo[:, 1], lo[:, 0] + size[0], lo[:, 1] + size[1],
+                                              lo[:, 2], lo[:, 2] + size[2]], 1)).float()
+            chance_iou.append(float(box_iou(rand, gt)[:, 0].mean()))
+        assert np.allclose(d["spacing"], (0.8, 0.8, 2.5))
+    assert len(top_iou) == 3
+    # after 24 iterations the top box has IoU ~0.7 with the lesion; random placement gives ~0.12
+    assert np.median(top_iou) > max(0.4, np.median(chance_iou) + 0.2), (top_iou, chance_iou)
+
+    # the CLI: wrong channel count -> one-line error, exit status 2
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    im = sitk.ReadImage(os.path.join(images, "c000_0000.nii.gz"))
+    sitk.WriteImage(im, str(bad / "c000_0000.nii.gz"))
+    sitk.WriteImage(im, str(bad / "c000_0001.nii.gz"))
+    with pytest.raises(SystemExit) as e:
+        predict_main(["-i", str(bad), "-o", str(tmp_path / "o2"), "-m", t.output_folder, "--device", "cpu"])
+    assert e.value.code == 2
+    with pytest.raises(NnPreError, match="channels"):
+        predict_folder(t.output_folder, str(bad), str(tmp_path / "o2"), progress=False)
+
+    # NaNs -> error naming the file (MHA keeps NaNs; ITK's NIfTI reader maps them to 0)
+    arr = sitk.GetArrayFromImage(im)
+    arr[0, 0, 0] = np.nan
+    nan_file = str(tmp_path / "c009_0000.mha")
+    sitk.WriteImage(sitk.GetImageFromArray(arr), nan_file)
+    with pytest.raises(NnPreError, match="c009_0000.mha"):
+        check_finite([nan_file])
+
+
+def _check_map_back(raw, plans):
+    """Boxes of the preprocessed (cropped + resampled) label map back onto the original label's boxes."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnpre_detection.inference import boxes_to_world, to_original_index
+    from nnpre_detection.instances import boxes_from_instances
+
+    pm = PlansManager(plans)
+    cm = pm.get_configuration("3d_fullres")
+    with open(os.path.join(raw, "dataset.json")) as f:
+        dj = json.load(f)
+    img, lab = os.path.join(raw, "imagesTr", "c000_0000.nii.gz"), os.path.join(raw, "labelsTr", "c000.nii.gz")
+    data, seg, props = cm.preprocessor_class(verbose=False).run_case([img], lab, pm, cm, dj)
+    pre_box, _ = boxes_from_instances((seg[0] > 0).astype(np.int32))
+    assert pre_box.shape == (1, 6)
+    back = to_original_index(pre_box, data.shape[1:], props)
+    ref_img = sitk.ReadImage(lab)
+    ref_box, _ = boxes_from_instances(sitk.GetArrayFromImage(ref_img).astype(np.int32))
+    spacing_zyx = np.array(ref_img.GetSpacing()[::-1])
+    err_mm = np.abs(back - ref_box) * spacing_zyx[[0, 1, 0, 1, 2, 2]]
+    assert err_mm.max() <= 2.0 + 1e-6, (back, ref_box)  # within one target voxel (2 mm)
+    # world boxes: identity direction, zero origin -> index * spacing, axes (x, y, z) = array (2, 1, 0)
+    w = boxes_to_world(ref_box, ref_img)[0]
+    sx, sy, sz = ref_img.GetSpacing()
+    assert np.allclose(w, [ref_box[0, 4] * sx, ref_box[0, 1] * sy, ref_box[0, 0] * sz,
+                           ref_box[0, 5] * sx, ref_box[0, 3] * sy, ref_box[0, 2] * sz])
+
+
+def _check_pretrained(plans, did, tmp_path):
+    """Pretrained encoder is loaded exactly; the DKFZ schedule starts with a decoder + heads only stage."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from nnpre.adaptation_plan import from_nnunet_plans
+    from nnpre_detection.trainer import nnPreDetectionTrainer
+    from nnpre_trainers.run import make_trainer
+
+    a = plans["configurations"]["3d_fullres"]["architecture"]
+    torch.manual_seed(3)
+    unet = get_network_from_plans(a["network_class_name"], a["arch_kwargs"], a["_kw_requires_import"], 1, 1,
+                                  allow_init=True, deep_supervision=False)
+    ckpt = str(tmp_path / "pre.pth")
+    plan = from_nnunet_plans(plans, "3d_fullres", 1, pretext="mae", pretext_config={})
+    torch.save({"network_weights": unet.state_dict(), "nnssl_adaptation_plan": plan.to_dict()}, ckpt)
+    t = make_trainer(nnPreDetectionTrainer, did, "nnPreResEncLPlans", fold="all", device="cpu", epochs=20,
+                     iterations=5)
+    t.configure_detection(pretrained=ckpt, tag="pt")
+    t.initialize()
+    sd = t.unwrapped_network.state_dict()
+    enc = {k: v for k, v in unet.state_dict().items() if k.startswith("encoder.")}
+    assert enc and all(torch.equal(sd[k], v) for k, v in enc.items())
+    assert os.path.isfile(os.path.join(t.output_folder, "pretrained_transfer.json"))
+    assert [s.name for s in t.schedule.stages] == ["decoder_warmup", "whole_network"]
+    trained = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in trained for n, p in t.unwrapped_network.named_parameters() if n.startswith("encoder."))
+    assert any(id(p) in trained for n, p in t.unwrapped_network.named_parameters() if n.startswith("classifier."))

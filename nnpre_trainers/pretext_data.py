@@ -14,6 +14,7 @@ fixed seed and worker count.
 """
 from __future__ import annotations
 
+import multiprocessing
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -58,6 +59,8 @@ class PretextPatchLoader(DataLoader):
 
     def _generators(self):
         if self._rng is None:  # created lazily inside each worker, after set_thread_id
+            if multiprocessing.parent_process() is not None:
+                torch.set_num_threads(1)  # one thread per background worker: no oversubscription, no fork deadlock
             tid = int(getattr(self, "thread_id", 0))
             self._rng = np.random.default_rng([self.seed, tid])
             self._gen = torch.Generator().manual_seed(int(self._rng.integers(2 ** 62)))

@@ -90,8 +90,14 @@ class nnPrePretrainTrainer(nnPreTrainerBase):
         if n == 0:
             return SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
         # batchgenerators' MultiThreadedAugmenter returns batches round-robin: reproducible for a fixed seed.
-        return (MultiThreadedAugmenter(dl_tr, None, n, 6, None, pin_memory=self.device.type == "cuda"),
-                MultiThreadedAugmenter(dl_val, None, max(1, n // 2), 3, None, pin_memory=self.device.type == "cuda"))
+        loaders = (MultiThreadedAugmenter(dl_tr, None, n, 6, None, pin_memory=self.device.type == "cuda"),
+                   MultiThreadedAugmenter(dl_val, None, max(1, n // 2), 3, None, pin_memory=self.device.type == "cuda"))
+        # Fork the workers now, before this process runs any multi-threaded torch op: a worker forked later
+        # (the validation one, lazily at the end of epoch 1) can deadlock in OpenMP. nnU-Net does the same by
+        # drawing one batch from each augmenter in its get_dataloaders.
+        for loader in loaders:
+            loader._start()
+        return loaders
 
     def _to_sample(self, batch: dict) -> PretextSample:
         dev = self.device

@@ -30,6 +30,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnpre.errors import fail
+from nnpre.presets import preset_from_plans
 from nnpre_detection.instances import boxes_from_instances, semantic_to_instances
 from nnpre_detection.retina_unet import build_retina_unet
 from nnpre_trainers.base import to_plain
@@ -123,6 +124,9 @@ class nnPreDetectionTrainer(nnPreFineTuneTrainer):
 
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         cm = self.configuration_manager
+        head = preset_from_plans(self.plans_manager.plans).detector_head_channels
+        if head is not None and "head_channels" not in self.detector_overrides:
+            self.detector_overrides["head_channels"] = int(head)  # preset-scaled towers (see nnpre.presets)
         if self.anchor_sizes is None and self.plan_anchors:
             probe = build_retina_unet(cm.network_arch_class_name, cm.network_arch_init_kwargs,
                                       self.num_input_channels, self.num_detection_classes,

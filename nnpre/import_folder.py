@@ -218,7 +218,8 @@ def import_image_folder(src: str, raw_root: str, dataset_id: int, name: Optional
         for case, files in cases.items():
             sizes = {f: read_header(f)[0] for f in files}
             if len(set(sizes.values())) > 1:
-                fail(f"case '{case}': channel images differ in size ({', '.join(f'{os.path.basename(f)} {s}' for f, s in sizes.items())}); "
+                listing = ", ".join(f"{os.path.basename(f)} {s}" for f, s in sizes.items())
+                fail(f"case '{case}': channel images differ in size ({listing}); "
                      f"resample them to one grid")
     out_ending = ending if ending in NATIVE_ENDINGS else ".nii.gz"
     channel_names = {str(i): str(n) for i, n in enumerate(names)}

@@ -64,7 +64,8 @@ def load_nndet_dataset_file(task_dir: str) -> dict:
     except ImportError:
         fail(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or convert the file to dataset.json")
     except Exception as e:  # JSON / YAML syntax errors of either parser
-        fail(f"{path} cannot be parsed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); fix the syntax")
+        first = str(e).splitlines()[0] if str(e) else ""
+        fail(f"{path} cannot be parsed ({type(e).__name__}: {first}); fix the syntax")
     out = {"path": path}
     for key, example in (("labels", '{"0": "nodule"}'), ("modalities", '{"0": "CT"}')):
         v = meta.get(key) if isinstance(meta, dict) else None
@@ -171,7 +172,8 @@ def import_nndet_task(task_dir: str, raw_root: str, dataset_id: Optional[int] = 
         if split == "Tr" and not cases:
             fail(f"{images_dir} holds no images named CASE_0000{FILE_ENDING}")
         labels = {}
-        label_files = sorted(f for f in os.listdir(labels_dir) if f.endswith(FILE_ENDING)) if os.path.isdir(labels_dir) else []
+        label_files = (sorted(f for f in os.listdir(labels_dir) if f.endswith(FILE_ENDING))
+                       if os.path.isdir(labels_dir) else [])
         if split == "Tr" or label_files:
             for case in cases:
                 lab = os.path.join(labels_dir, case + FILE_ENDING)

@@ -36,6 +36,22 @@ from nnpre_trainers.finetune_schedule import FinetuneSchedule, default_schedule,
 SUBSET_SEED = 12345
 
 
+def pretrained_tag(path: str) -> str:
+    """Short run-folder name of a pretrained checkpoint.
+
+    nnU-Net-style ``.../<Trainer>__<Plans>__<cfg>/fold_X/checkpoint_final.pth`` → ``<Trainer>``; any other file
+    → its name without extension (``/data/openmind_mae.pth`` → ``openmind_mae``).
+    """
+    stem = os.path.basename(path)
+    for ext in (".pth", ".pt", ".ckpt"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    if stem.startswith("checkpoint_") and (parent.startswith("fold_") or parent == "fold_all"):
+        return os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(path)))).split("__")[0] or stem
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "pretrained"
+
+
 class nnPreFineTuneTrainer(nnPreTrainerBase):
     """Fine-tune the plans' U-Net from a pretrained encoder (or from scratch); see the module doc."""
 
@@ -74,8 +90,7 @@ class nnPreFineTuneTrainer(nnPreTrainerBase):
         self.num_train_cases, self.fraction = num_train_cases, fraction
         self.schedule = schedule
         if tag is None:
-            tag = "scratch" if from_scratch else "pt_" + os.path.basename(os.path.dirname(os.path.dirname(
-                os.path.abspath(pretrained)))).split("__")[0]
+            tag = "scratch" if from_scratch else "pt_" + pretrained_tag(pretrained)
             if num_train_cases is not None:
                 tag += f"_n{num_train_cases}"
             elif fraction is not None:

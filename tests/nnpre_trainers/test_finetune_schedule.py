@@ -152,3 +152,4 @@ def test_stage1_leaves_the_encoder_bit_identical_and_stage2_trains_it(remapped_s
     moved = [k for k in sd if k.startswith("encoder.stages.") and not torch.equal(sd[k], snap2[k])]
     assert len(moved) > 0.5 * len([k for k in sd if k.startswith("encoder.stages.")])
     assert all(p.requires_grad for p in net.parameters())
+

@@ -108,3 +108,12 @@ def test_from_scratch_and_few_labels(nnunet_root):
     assert tr == tr2  # deterministic
     assert t.output_folder.endswith(os.path.join("nnPreFineTuneTrainer__nnPreResEncLPlans__3d_fullres__scratch_n2",
                                                  "fold_all"))
+
+
+def test_pretrained_run_folder_tag():
+    from nnpre_trainers.finetune_trainer import pretrained_tag
+
+    assert pretrained_tag("/r/Dataset502_P/nnPreTrainer_MAE__nnPreResEncLPlans__3d_fullres/fold_all/checkpoint_final.pth") \
+        == "nnPreTrainer_MAE"
+    assert pretrained_tag("/tmp/x/openmind mae.pth") == "openmind_mae"
+    assert pretrained_tag("/tmp/x/checkpoint_final.pth") == "checkpoint_final"

@@ -232,12 +232,15 @@ def check_finite(files: Sequence[str]):
 
 def predict_folder(model_dir: str, in_folder: str, out_folder: str, checkpoint: str = "checkpoint_final.pth",
                    mirror: bool = True, overlap: float = 0.5, device: torch.device = torch.device("cpu"),
-                   progress: bool = True) -> List[str]:
+                   progress: bool = True, save_instances: bool = False,
+                   instance_min_score: float = 0.5) -> List[str]:
     """Predict every case of ``in_folder`` and write ``out_folder/<case>.json`` (atomically).
 
     Returns:
         the written JSON paths. JSON keys: ``case, boxes, scores, labels, boxes_world, spacing, origin,
-        direction`` (see :mod:`nnpre_detection.metrics.io`).
+        direction`` (see :mod:`nnpre_detection.metrics.io`). With ``save_instances`` also
+        ``out_folder/<case>_instances.nii.gz``: boxes scoring at least ``instance_min_score`` painted as
+        numbered cuboids in the input image's geometry (for viewers).
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from tqdm import tqdm
@@ -271,5 +274,10 @@ def predict_folder(model_dir: str, in_folder: str, out_folder: str, checkpoint: 
             "origin": list(ref.GetOrigin()),
             "direction": list(ref.GetDirection()),
         }, path)
+        if save_instances:
+            from nnpre_detection.instance_map import write_instance_map
+
+            write_instance_map(boxes, det["scores"].numpy(), ref, os.path.join(out_folder, f"{case}_instances.nii.gz"),
+                               instance_min_score)
         written.append(path)
     return written

@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mirror", action="store_true", help="disable test-time mirroring (8x faster)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window tile overlap (default 0.5)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--save-instances", action="store_true",
+                   help="also write CASE_instances.nii.gz: kept boxes as numbered cuboids, for viewers")
+    p.add_argument("--instance-min-score", type=float, default=0.5,
+                   help="score threshold for --save-instances (default 0.5)")
     return p
 
 
@@ -35,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from nnpre_trainers.run import pick_device
 
     written = predict_folder(args.model, args.input, args.output, checkpoint=args.checkpoint,
-                             mirror=not args.no_mirror, overlap=args.overlap, device=pick_device(args.device))
+                             mirror=not args.no_mirror, overlap=args.overlap, device=pick_device(args.device),
+                             save_instances=args.save_instances, instance_min_score=args.instance_min_score)
     print(f"wrote {len(written)} prediction file(s) to {args.output}")
     return 0
 

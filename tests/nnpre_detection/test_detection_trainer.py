@@ -79,8 +79,14 @@ def test_detection_train_and_predict(nnunet_root, tmp_path):
 
     out = tmp_path / "preds"
     images = os.path.join(raw, "imagesTr")
-    assert predict_main(["-i", images, "-o", str(out), "-m", t.output_folder, "--device", "cpu"]) == 0
-    written = sorted(str(out / f) for f in os.listdir(out))
+    assert predict_main(["-i", images, "-o", str(out), "-m", t.output_folder, "--device", "cpu",
+                         "--save-instances", "--instance-min-score", "0"]) == 0
+    written = sorted(str(out / f) for f in os.listdir(out) if f.endswith(".json"))
+    for case in ("c000", "c001", "c002"):  # viewer instance maps share the input's geometry
+        im = sitk.ReadImage(str(out / f"{case}_instances.nii.gz"))
+        ref = sitk.ReadImage(os.path.join(images, f"{case}_0000.nii.gz"))
+        assert im.GetSize() == ref.GetSize() and np.allclose(im.GetSpacing(), ref.GetSpacing())
+        assert np.allclose(im.GetOrigin(), ref.GetOrigin())
     assert sorted(os.path.basename(p) for p in written) == ["c000.json", "c001.json", "c002.json"]
     top_iou, chance_iou = [], []
     rng = np.random.default_rng(0)

@@ -1,0 +1,69 @@
+"""``nnPre_demo`` end to end at a minimal size: every stage, the report, and resuming."""
+import json
+import math
+import os
+
+import pytest
+
+from nnpre.errors import NnPreError
+
+TINY = ["--labelled", "1", "--seeds", "1", "--pretrain-epochs", "1", "--pretrain-iterations", "2",
+        "--finetune-epochs", "1", "--finetune-iterations", "2", "--n-train", "2", "--n-test", "2", "--n-pool", "2"]
+
+
+def _run(out, *extra):
+    from nnpre.cli.demo import build_parser, run
+
+    return run(build_parser().parse_args(["--out", str(out), *TINY, *extra]))
+
+
+def test_demo_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    out = tmp_path / "demo"
+    assert _run(out) == 0
+    printed = capsys.readouterr().out
+    rep = out / "report"
+    for name in ("report.md", "results.json", "loss_curves.png", "froc_curves.png", "preview_mae.png",
+                 "preview_mg.png", "preview_diffusion.png", "seg_dice_vs_labelled.png",
+                 "det_AP_IoU_0.10_vs_labelled.png"):
+        assert (rep / name).is_file() and (rep / name).stat().st_size > 0, name
+    with open(rep / "results.json") as f:
+        res = json.load(f)
+    assert res["methods"] == ["scratch", "mae", "mg", "diffusion"]
+    # every method has finite numbers for every reported metric
+    for task, metric in (("seg", "dice"), ("seg", "FROC_IoU_0.10"), ("det", "AP_IoU_0.10"), ("det", "FROC_IoU_0.10")):
+        for m in res["methods"]:
+            v = res["table"][task][metric][m]["1"][0]
+            assert v is not None and math.isfinite(v) and 0.0 <= v <= 1.0, (task, metric, m, v)
+    for m in ("mae", "mg", "diffusion"):
+        losses = res["results"][f"pretrain_{m}"]["train_losses"]
+        assert len(losses) == 1 and math.isfinite(losses[0])
+    md = (rep / "report.md").read_text()
+    assert "| diffusion |" in md and "## Calibration" in md and "Does pretraining beat scratch?" in md
+    assert "Lesion Dice" in printed or "lesion Dice" in printed
+
+    # rerun: everything is skipped (no stage record rewritten)
+    stages = out / "stages"
+    before = {p.name: p.stat().st_mtime_ns for p in stages.iterdir()}
+    assert _run(out) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in stages.iterdir()} == before
+
+    # a stage whose output vanished is recomputed, the others are not
+    with open(stages / "seg_mae_n1_s0.json") as f:
+        ck = json.load(f)["files"][0]
+    os.remove(ck)
+    assert _run(out) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in stages.iterdir()}
+    assert os.path.isfile(ck)
+    assert [k for k in after if after[k] != before[k]] == ["seg_mae_n1_s0.json"]
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--labelled", "3"], "--labelled sizes must be between 1 and the 2"),
+    (["--labelled", "a"], "--labelled expects comma-separated integers"),
+    (["--methods", "mae,simclr"], "unknown pretext method(s) ['simclr']"),
+])
+def test_demo_bad_arguments(tmp_path, args, msg):
+    with pytest.raises(NnPreError, match=None) as e:
+        _run(tmp_path / "x", *args)
+    assert msg in str(e.value)

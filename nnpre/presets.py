@@ -35,6 +35,10 @@ class Preset:
             nnDetection's 128 (4 × its stage-0 width of 32). ``cpu-tiny`` keeps that ratio to its narrower
             network (4 × 8 = 32): full-width towers on every decoder level made a detection step ~10× a
             segmentation step there.
+        finetune_optimizer / finetune_lr: optimizer and peak LR (scratch, pretrained) of the default fine-tuning
+            schedule; ``"sgd"`` / ``None`` = the DKFZ recipe (SGD, 1e-2 scratch, 1e-3 pretrained). ``cpu-tiny``
+            uses AdamW at (3e-3, 1e-3): its runs of a few hundred iterations are too short for SGD to leave the
+            all-background solution on small lesions.
     """
 
     name: str
@@ -49,6 +53,8 @@ class Preset:
     val_iterations_per_epoch: int = 50
     save_every: int = 50
     detector_head_channels: Optional[int] = None
+    finetune_optimizer: str = "sgd"
+    finetune_lr: Optional[Tuple[float, float]] = None
     extra: Dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -81,6 +87,8 @@ PRESETS: Dict[str, Preset] = {
         val_iterations_per_epoch=2,
         save_every=1,
         detector_head_channels=32,
+        finetune_optimizer="adamw",
+        finetune_lr=(3e-3, 1e-3),
     ),
 }
 PRESETS["default"] = PRESETS["gpu"]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from nnpre.errors import fail
-from nnpre_detection.boxes import HI_3D, LO_3D, clip_boxes
+from nnpre_detection.boxes import HI_3D, LO_3D, box_iou, clip_boxes
 from nnpre_detection.wbc import weighted_box_clustering
 
 #: WBC IoU threshold for merging tiles / TTA variants (nnDetection ensembler: 0.5).
@@ -106,8 +106,77 @@ def predict_case(model, image: torch.Tensor, patch_size: Sequence[int], overlap:
     b, s, lab = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
     if b.shape[0]:
         b = clip_boxes(b, shape)
-        b, s, lab = weighted_box_clustering(b, s, lab, n_exp_preds=float(len(variants)), iou_threshold=WBC_IOU)
+        b, s, lab = merge_detections(b, s, lab, n_exp_preds=float(len(variants)), iou_threshold=WBC_IOU)
     return {"boxes": b.reshape(-1, 6), "scores": s.reshape(-1), "labels": lab.reshape(-1)}
+
+
+def isolated_boxes(boxes: torch.Tensor, labels: torch.Tensor, iou_threshold: float, chunk: int = 256) -> torch.Tensor:
+    """(N,) bool: boxes whose IoU with every other box of the same label is <= ``iou_threshold``.
+
+    Pairs are only compared where they can overlap: boxes are sorted by their axis-0 centre, and two boxes
+    that intersect have centres closer than the longest axis-0 side, so each chunk of sorted boxes is compared
+    (with :func:`~nnpre_detection.boxes.box_iou`, as WBC does) with one contiguous range of candidates.
+
+    Args:
+        boxes: (N, 6) nnDetection layout. labels: (N,) classes. iou_threshold: WBC's cluster threshold.
+    """
+    n = boxes.shape[0]
+    if n <= 1:
+        return torch.ones(n, dtype=torch.bool, device=boxes.device)
+    b = boxes.float()
+    centre = (b[:, LO_3D[0]] + b[:, HI_3D[0]]) / 2
+    reach = float((b[:, HI_3D[0]] - b[:, LO_3D[0]]).max())
+    order = torch.argsort(centre)
+    b, centre, lab = b[order], centre[order], labels[order]
+    has_neighbour = torch.zeros(n, dtype=torch.bool, device=boxes.device)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        lo = int(torch.searchsorted(centre, centre[s] - reach))
+        hi = int(torch.searchsorted(centre, centre[e - 1] + reach, right=True))
+        iou = box_iou(b[s:e], b[lo:hi])
+        iou[torch.arange(e - s), torch.arange(s, e) - lo] = 0.0  # not its own neighbour
+        has_neighbour[s:e] = ((iou > iou_threshold) & (lab[s:e, None] == lab[None, lo:hi])).any(dim=1)
+    out = torch.empty(n, dtype=torch.bool, device=boxes.device)
+    out[order] = ~has_neighbour
+    return out
+
+
+def merge_detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, n_exp_preds: float,
+                     iou_threshold: float = WBC_IOU):
+    """``weighted_box_clustering`` of the tile / mirror predictions of a case, isolated boxes merged at once.
+
+    A box whose IoU with every other box of its class is at most the threshold (:func:`isolated_boxes`) is
+    a cluster of its own in WBC and no other cluster involves it. So WBC's result is WBC of the other boxes
+    plus, per isolated box, WBC's single-member cluster, computed here with WBC's own operations: score
+    ``s / (1 + max(0, n_exp_preds - 1))`` (weight and self-IoU 1), box ``s * b / s`` (= b), kept if the score
+    is > 0. Most tile predictions are isolated low-score boxes and WBC's loop costs Python time per cluster,
+    so this removes most of its iterations (on the sliding-window benchmark WBC was 14 % of the network time).
+    Same boxes, scores and labels as one ``weighted_box_clustering`` call, sorted by descending score (ties
+    in WBC's order, except that a merged cluster precedes an isolated box of exactly equal score).
+
+    Returns:
+        boxes (K, 6) float32, scores (K,), labels (K,) long.
+    """
+    iso = isolated_boxes(boxes, labels, iou_threshold)
+    if not bool(iso.any()):
+        return weighted_box_clustering(boxes, scores, labels, n_exp_preds=n_exp_preds, iou_threshold=iou_threshold)
+    rest = ~iso
+    cb, cs, cl = weighted_box_clustering(boxes[rest], scores[rest], labels[rest], n_exp_preds=n_exp_preds,
+                                         iou_threshold=iou_threshold)
+    idx = torch.nonzero(iso, as_tuple=False).flatten()
+    idx = idx[torch.argsort(labels[idx], stable=True)]  # WBC visits classes in ascending order
+    s = scores[idx].float()
+    b = boxes[idx].float()
+    one = torch.ones_like(s)
+    n_missing = (torch.as_tensor(n_exp_preds, dtype=torch.float32, device=s.device) - 1.0).clamp(min=0)
+    score = (one * s) / (one + n_missing * one)
+    us = one * s
+    pos = us > 0
+    b = torch.where(pos[:, None], (us[:, None] * b) / torch.where(pos, us, one)[:, None], b)
+    keep = score > 0.0
+    b, s, lab = torch.cat((cb, b[keep])), torch.cat((cs, score[keep])), torch.cat((cl, labels[idx][keep].long()))
+    order = torch.argsort(s, descending=True, stable=True)
+    return b[order], s[order], lab[order]
 
 
 def to_original_index(boxes: np.ndarray, preprocessed_shape: Sequence[int], properties: dict) -> np.ndarray:

@@ -40,6 +40,8 @@ from torch import nn
 
 #: Parameter group names produced by :func:`parameter_groups`.
 GROUPS = ("encoder", "stem", "decoder", "heads", "other")
+#: Optimizers a schedule can name.
+OPTIMIZERS = ("sgd", "adamw")
 ALL_GROUPS = GROUPS
 Span = Union[int, float, None]  # int = iteration count, float = fraction of all iterations, None = the rest
 
@@ -118,6 +120,9 @@ class FinetuneSchedule:
         total_iterations: all training iterations (epochs × iterations per epoch).
         base_lr: peak LR of rules with ``peak_lr=None`` (1e-3 with pretrained weights, 1e-2 from scratch).
         momentum / nesterov / weight_decay: SGD settings (nnU-Net: 0.99, True, 3e-5).
+        optimizer: ``"sgd"`` (nnU-Net, the default) or ``"adamw"`` (betas 0.9/0.999, same weight decay;
+            used by the ``cpu-tiny`` preset, whose runs of a few hundred iterations are too short for SGD
+            to leave the all-background solution on small lesions).
     """
 
     stages: Tuple[Stage, ...]
@@ -126,6 +131,7 @@ class FinetuneSchedule:
     momentum: float = 0.99
     nesterov: bool = True
     weight_decay: float = 3e-5
+    optimizer: str = "sgd"
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -133,6 +139,8 @@ class FinetuneSchedule:
             raise ValueError(f"total_iterations must be >= 1, got {self.total_iterations}")
         if not self.stages:
             raise ValueError("a schedule needs at least one stage")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if any(s.length is None for s in self.stages[:-1]):
             raise ValueError("only the last stage may have length None (the remaining iterations)")
         self.boundaries()  # validates the lengths
@@ -188,9 +196,18 @@ class FinetuneSchedule:
         return [n for g in stage.trains for n, _ in groups.get(g, [])]
 
     def optimizer_kwargs(self, iteration: int = 0) -> Dict[str, Any]:
-        """Keyword arguments for ``torch.optim.SGD`` at ``iteration``."""
+        """Keyword arguments for the optimizer (:meth:`build_optimizer`) at ``iteration``."""
+        if self.optimizer == "adamw":
+            return {"lr": self.lr_at(iteration), "weight_decay": self.weight_decay}
         return {"lr": self.lr_at(iteration), "momentum": self.momentum, "nesterov": self.nesterov,
                 "weight_decay": self.weight_decay}
+
+    def build_optimizer(self, params, iteration: int = 0):
+        """``torch.optim.SGD`` or ``AdamW`` over ``params`` with this schedule's settings at ``iteration``."""
+        import torch
+
+        cls = torch.optim.AdamW if self.optimizer == "adamw" else torch.optim.SGD
+        return cls(params, **self.optimizer_kwargs(iteration))
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> Dict[str, Any]:
@@ -213,7 +230,7 @@ SCRATCH_LR = 1e-2
 
 
 def default_schedule(total_iterations: int, pretrained: bool = True, base_lr: Optional[float] = None,
-                     warmup_fraction: float = DKFZ_WARMUP_FRACTION) -> FinetuneSchedule:
+                     warmup_fraction: float = DKFZ_WARMUP_FRACTION, optimizer: str = "sgd") -> FinetuneSchedule:
     """The DKFZ fine-tuning recipe (pretrained) or nnU-Net's from-scratch schedule.
 
     Args:
@@ -222,11 +239,12 @@ def default_schedule(total_iterations: int, pretrained: bool = True, base_lr: Op
             with poly decay otherwise.
         base_lr: peak LR; default 1e-3 pretrained, 1e-2 from scratch.
         warmup_fraction: length of the decoder-only stage and of the whole-network warm-up (0.05).
+        optimizer: ``"sgd"`` (the recipe) or ``"adamw"`` (see :class:`FinetuneSchedule`).
     """
     if not pretrained:
         return FinetuneSchedule(stages=(Stage("scratch", None, ALL_GROUPS, LRRule(warmup=0)),),
                                 total_iterations=total_iterations,
-                                base_lr=SCRATCH_LR if base_lr is None else base_lr)
+                                base_lr=SCRATCH_LR if base_lr is None else base_lr, optimizer=optimizer)
     return FinetuneSchedule(
         stages=(
             Stage("decoder_warmup", float(warmup_fraction), ("decoder", "heads", "stem"),
@@ -235,6 +253,7 @@ def default_schedule(total_iterations: int, pretrained: bool = True, base_lr: Op
         ),
         total_iterations=total_iterations,
         base_lr=PRETRAINED_LR if base_lr is None else base_lr,
+        optimizer=optimizer,
     )
 
 

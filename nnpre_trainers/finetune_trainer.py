@@ -28,6 +28,7 @@ from batchgenerators.utilities.file_and_folder_operations import join
 
 from nnpre.atomic import write_json
 from nnpre.errors import fail
+from nnpre.presets import preset_from_plans
 from nnpre.weight_transfer import TransferReport, transfer_encoder
 from nnpre_trainers.base import nnPreTrainerBase
 from nnpre_trainers.finetune_schedule import FinetuneSchedule, default_schedule, parameter_groups
@@ -136,11 +137,14 @@ class nnPreFineTuneTrainer(nnPreTrainerBase):
         self.stage_index = index
         self.print_to_log_file(f"fine-tuning stage {index} '{stage.name}' from iteration {iteration}: trains "
                                f"{', '.join(stage.trains)} ({sum(p.numel() for p in trainable)} parameters)")
-        return torch.optim.SGD(trainable, **self.schedule.optimizer_kwargs(iteration))
+        return self.schedule.build_optimizer(trainable, iteration)
 
     def configure_optimizers(self):
         if self.schedule is None:
-            self.schedule = default_schedule(self.total_iterations, pretrained=not self.from_scratch)
+            preset = preset_from_plans(self.plans_manager.plans)
+            kw = {} if preset.finetune_lr is None else {"base_lr": preset.finetune_lr[0 if self.from_scratch else 1]}
+            self.schedule = default_schedule(self.total_iterations, pretrained=not self.from_scratch,
+                                             optimizer=preset.finetune_optimizer, **kw)
         idx, _ = self.schedule.stage_at(self.global_iteration)
         return self._optimizer_for_stage(idx, self.global_iteration), None
 

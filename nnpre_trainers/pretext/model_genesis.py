@@ -33,6 +33,7 @@ All corruption functions work on numpy (C, X, Y, Z) float32 arrays with an expli
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -122,79 +123,307 @@ def max_window_sides(spatial_shape, max_window_fraction: float = 0.1) -> np.ndar
                     dtype=np.int64)
 
 
-def _window_offsets(sides: np.ndarray, strides: np.ndarray) -> np.ndarray:
-    """Flat-index offsets (sx*sy*sz,) of the voxels of a window with ``sides`` relative to its corner."""
-    return (np.arange(sides[0])[:, None, None] * strides[0] + np.arange(sides[1])[None, :, None] * strides[1]
-            + np.arange(sides[2])[None, None, :] * strides[2]).ravel()
+#: x permutations drawn per x slab of the brick partition (see :func:`local_pixel_shuffle`)
+SHUFFLE_X_PERMS = 2
 
 
-def _stratified_sides(rng: np.random.Generator, max_sides: np.ndarray, rounds: int) -> np.ndarray:
-    """(rounds, 3) window sides, each axis a shuffled stratified sample of U{1..max_side}."""
-    cols = []
-    for m in max_sides:
-        strata = 1 + ((np.arange(rounds) + rng.random(rounds)) * m / rounds).astype(np.int64)
-        cols.append(rng.permutation(np.minimum(strata, m)))
-    return np.stack(cols, 1)
+@dataclass(frozen=True)
+class _AxisTables:
+    """Deterministic per-axis tables of the brick partition (cached; no randomness).
+
+    Attributes:
+        values: (K, W) candidate side lengths of each of the K side classes (strata of 1..max_side), padded
+            with the stratum's last value.
+        cum_weights: (K, W) normalised cumulative weight of each candidate within its stratum.
+        stratum_weight: (K,) total weight of each stratum.
+        cum_cover: (2, dim + 1) cumulative sums of ``cover`` and ``cover ** 2``, ``cover[i]`` the probability
+            that one official window covers position i of this axis (averaged over its uniform side).
+    """
+
+    values: np.ndarray
+    cum_weights: np.ndarray
+    stratum_weight: np.ndarray
+    cum_cover: np.ndarray
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_tables(dim: int, max_side: int, classes: int) -> _AxisTables:
+    s = np.arange(1, max_side + 1)
+    # an official window of side s covers an interior voxel with probability s / (dim - s + 1): the side of the
+    # window that owns a covered interior voxel is distributed in proportion to that ("size-biased")
+    w = s / (dim - s + 1.0)
+    strata = np.array_split(np.arange(max_side), min(classes, max_side))
+    width = max(len(t) for t in strata)
+    values = np.stack([np.pad(s[t], (0, width - len(t)), mode="edge") for t in strata])
+    cum = np.stack([np.pad(np.cumsum(w[t]) / w[t].sum(), (0, width - len(t)), constant_values=1.0)
+                    for t in strata])
+    i = np.arange(dim)[:, None]
+    corners = np.clip(np.minimum(i, dim - s) - np.maximum(0, i - s + 1) + 1, 0, None)
+    cover = (corners / (dim - s + 1.0)).mean(axis=1)
+    tables = _AxisTables(values, cum, np.array([w[t].sum() for t in strata]),
+                         np.concatenate((np.zeros((2, 1)), np.cumsum([cover, cover ** 2], axis=1)), axis=1))
+    for a in (tables.values, tables.cum_weights, tables.stratum_weight, tables.cum_cover):
+        a.flags.writeable = False
+    return tables
+
+
+def _axis_segments(rng: np.random.Generator, dim: int, tables: _AxisTables) -> Tuple[np.ndarray, np.ndarray]:
+    """Split one axis into consecutive segments (the brick sides along this axis).
+
+    One side per class is drawn for this patch (within its stratum, in proportion to the size-biased weight).
+    Side ``c_k`` of class k is used for a share ``W_k / c_k`` of the segments (``W_k`` the stratum's weight):
+    the expected count of each side, rounded at random, in random order, then cut at the border (extra i.i.d.
+    segments if the counts fall short), the order reversed with probability 1/2. A voxel away from the borders
+    then lies in a segment of side s with probability ``s / (dim - s + 1)`` normalised over 1..max, the
+    official distribution of the side of the window that owns it.
+
+    Returns:
+        (starts, lengths), int64 arrays that tile [0, dim).
+    """
+    k = len(tables.stratum_weight)
+    pick = (tables.cum_weights < rng.random(k)[:, None]).sum(axis=1)
+    sides = tables.values[np.arange(k), np.minimum(pick, tables.values.shape[1] - 1)]
+    share = tables.stratum_weight / sides
+    share = share / share.sum()
+    expected = dim * share / float((share * sides).sum())
+    counts = np.floor(expected).astype(np.int64)
+    counts += rng.random(k) < expected - counts
+    lengths = rng.permutation(np.repeat(sides, counts))
+    short = dim - int(lengths.sum())
+    if short > 0:  # rounding fell short: append i.i.d. segments
+        more = sides[np.minimum(np.searchsorted(np.cumsum(share), rng.random(short // int(sides.min()) + 1),
+                                                side="right"), k - 1)]
+        lengths = np.concatenate((lengths, more))
+    ends = np.cumsum(lengths)
+    n = int(np.searchsorted(ends, dim)) + 1
+    lengths = lengths[:n].copy()
+    lengths[-1] -= ends[n - 1] - dim
+    if rng.random() < 0.5:
+        lengths = lengths[::-1].copy()
+    return np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths
+
+
+@dataclass(frozen=True)
+class BrickLayout:
+    """The random brick partition of one patch (see :func:`local_pixel_shuffle`).
+
+    Attributes:
+        starts: per spatial axis, (n_a,) first voxel of each segment.
+        lengths: per spatial axis, (n_a,) segment lengths; they tile the axis.
+        selected: (n_x, n_y, n_z) bool, bricks whose voxels get shuffled (the others stay unchanged).
+    """
+
+    starts: Tuple[np.ndarray, np.ndarray, np.ndarray]
+    lengths: Tuple[np.ndarray, np.ndarray, np.ndarray]
+    selected: np.ndarray
+
+
+def brick_layout(spatial_shape, rng: np.random.Generator, num_windows: int = 10_000,
+                 max_window_fraction: float = 0.1, rounds: int = 64) -> BrickLayout:
+    """Draw the brick partition and the shuffled bricks; the first draws of :func:`local_pixel_shuffle`.
+
+    Calling it with a generator in the same state as the one given to :func:`local_pixel_shuffle` (same other
+    arguments) gives the layout that call uses (the tests rely on this).
+
+    Args:
+        spatial_shape: (X, Y, Z).
+        rng: random source.
+        num_windows: official window count; sets the fraction of shuffled bricks.
+        max_window_fraction: maximum window side / patch side.
+        rounds: number of brick shapes per patch: ``round(rounds ** (1/3))`` side classes per axis.
+    """
+    dims = tuple(int(d) for d in spatial_shape)
+    max_sides = max_window_sides(dims, max_window_fraction)
+    classes = max(1, int(round(rounds ** (1.0 / 3.0))))
+    # x sides do not multiply the cross-section shapes (pattern banks): every side is its own class along x
+    tables = [_axis_tables(d, int(m), int(m) if a == 0 else classes) for a, (d, m) in enumerate(zip(dims, max_sides))]
+    segs = [_axis_segments(rng, d, t) for d, t in zip(dims, tables)]
+    # official coverage of a voxel: 1 - (1 - qx qy qz) ** num_windows, q per axis = probability that one
+    # window covers it. A brick is shuffled with that probability averaged over its voxels, the average taken
+    # with a two-point rule (mean +- sd of q over the brick): exact where q is constant, i.e. away from the
+    # faces; near them q varies and the plain mean would overestimate the coverage
+    mom = [(t.cum_cover[:, st + ln] - t.cum_cover[:, st]) / ln for t, (st, ln) in zip(tables, segs)]
+    m1, m2 = (mom[0][i][:, None, None] * mom[1][i][None, :, None] * mom[2][i][None, None, :] for i in (0, 1))
+    sd = np.sqrt(np.maximum(m2 - m1 * m1, 0.0))
+    p = 1.0 - 0.5 * (np.exp(num_windows * np.log1p(-np.clip(m1 - sd, 0.0, 1.0 - 1e-12)))
+                     + np.exp(num_windows * np.log1p(-np.minimum(m1 + sd, 1.0 - 1e-12))))
+    selected = rng.random(p.shape) < p
+    return BrickLayout(tuple(s for s, _ in segs), tuple(ln for _, ln in segs), selected)
+
+
+def _ragged_permutations(rng: np.random.Generator, lengths: np.ndarray, width: int) -> np.ndarray:
+    """One uniform random permutation of range(n) per n in ``lengths``, concatenated (one generator call).
+
+    Each row of a (rows, width) array of uniform permutations of range(width) restricted to its entries below
+    n (order kept) is a uniform permutation of range(n).
+    """
+    full = rng.permuted(np.broadcast_to(np.arange(width), (len(lengths), width)), axis=1)
+    return full[full < np.asarray(lengths)[:, None]]
+
+
+def _rotate_ragged(rng: np.random.Generator, flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Compose each permutation in ``flat`` (rows of ``lengths``) with a random cyclic shift by 1..n-1.
+
+    A uniform permutation composed with a fixed one is uniform again, and the partner never agrees with the
+    original at any position (no common fixed point): pairs of them spread fixed points (unchanged voxels)
+    evenly instead of letting a shared identity leave many voxels unchanged.
+    """
+    lengths = np.asarray(lengths)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    shift = 1 + (rng.random(len(lengths)) * np.maximum(lengths - 1, 1)).astype(np.int64)
+    row_start, row_len = np.repeat(starts, lengths), np.repeat(lengths, lengths)
+    pos = np.arange(flat.size) - row_start + np.repeat(shift, lengths)
+    return flat.take(row_start + pos % row_len)
+
+
+def _padded(flat: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """Rows of ``lengths`` concatenated in ``flat`` -> (rows, width) array, zero-padded on the right."""
+    out = np.zeros((len(lengths), width), flat.dtype)
+    out[np.arange(width)[None, :] < np.asarray(lengths)[:, None]] = flat
+    return out
+
+
+def _plane_patterns(rng: np.random.Generator, ly: np.ndarray, lz: np.ndarray, Z: int, bank_size: int,
+                    x_offsets: int, row: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Bank of ``bank_size`` uniform random permutations per (Ly, Lz) brick cross-section.
+
+    Half of them are drawn independently, the other half are those composed with a random non-zero cyclic
+    shift (:func:`_rotate_ragged`). Entry u of a pattern (u = ly * Lz + lz, the destination in the cross-
+    section) holds the flat offset from the destination to its source in the (Y, Z) plane plus ``k * row``
+    with k uniform in 1..x_offsets (the x permutation, i.e. block of the slab buffer, its column uses; nothing
+    when x_offsets is 0). Entries ``[0, max_area)`` are zeros: the identity (unshuffled bricks).
+
+    Returns:
+        (table, offset): int64 table; (n_y, n_z, bank_size) table offset of each pattern of each cross-section.
+    """
+    code = ly[:, None] * (Z + 1) + lz[None, :]
+    codes, inv = np.unique(code, return_inverse=True)
+    inv = inv.reshape(code.shape)
+    cols = codes % (Z + 1)
+    area = (codes // (Z + 1)) * cols
+    identity = int(area.max())
+    half = (bank_size + 1) // 2
+    rows = np.repeat(area, half)  # first half: half patterns per shape, shape after shape
+    first = _ragged_permutations(rng, rows, identity)
+    second = _rotate_ragged(rng, first, rows)  # (one rotation too many per shape when bank_size is odd)
+    src = np.concatenate((first, second))
+    n_first = first.size
+    dst = np.arange(n_first) - np.repeat(np.concatenate(([0], np.cumsum(rows)[:-1])), rows)
+    dst = np.concatenate((dst, dst))
+    c = np.repeat(np.repeat(cols, half), rows)
+    c = np.concatenate((c, c))
+    table = np.empty(identity + src.size, np.int64)
+    table[:identity] = 0
+    table[identity:] = (src // c - dst // c) * Z + (src % c - dst % c)
+    if x_offsets:
+        table[identity:] += rng.integers(1, x_offsets + 1, src.size) * row
+    start = identity + np.concatenate(([0], np.cumsum(area * half)[:-1]))  # first pattern of each shape
+    j = np.arange(bank_size)
+    offset = start[:, None] + (j % half)[None, :] * area[:, None] + (j >= half)[None, :] * n_first
+    return table, offset[inv]
 
 
 def local_pixel_shuffle(x: np.ndarray, rng: np.random.Generator, num_windows: int = 10_000,
-                        max_window_fraction: float = 0.1, rounds: int = 64, bank_size: int = 16) -> np.ndarray:
-    """Shuffle voxels inside many small random windows (vectorised Models Genesis local shuffling).
+                        max_window_fraction: float = 0.1, rounds: int = 64, bank_size: int = 16,
+                        x_perms: int = SHUFFLE_X_PERMS) -> np.ndarray:
+    """Shuffle voxels inside many small boxes (Models Genesis local pixel shuffling, fast version).
 
-    Official process: ``num_windows`` windows, each with sides uniform in [1, dim//10] at a uniform random
-    position; its voxels are read from the *original* patch, permuted uniformly and written to the output,
-    later windows overwriting earlier ones. A Python loop of 10,000 iterations; kept as the reference in
-    ``benchmarks/bench_model_genesis.py``.
+    Official process (``MrGiovanni/ModelsGenesis`` ``local_pixel_shuffling``): ``num_windows`` windows, each
+    with sides uniform in [1, dim//10] at a uniform random position; its voxels are read from the *original*
+    patch, permuted uniformly and written to the output, later windows overwriting earlier ones. A Python loop
+    of 10,000 iterations; kept as the reference in ``benchmarks/bench_model_genesis.py``.
 
-    Vectorised process with the same statistics: the same number of windows, at the same uniform positions,
-    read from the original patch and written in order (later windows win, also within one batched write:
-    ``ndarray.put`` assigns sequentially), but drawn in ``rounds`` groups that share one window shape, so a
-    group is one (windows, voxels) gather + scatter. The group shapes are a stratified sample of the
-    official side distribution (each axis: one side per stratum of U{1..max}, shuffled), so every patch sees
-    that distribution. Each window is permuted by a uniform random permutation picked from a bank of
-    ``bank_size`` drawn for its group. Matched (tested against the loop): fraction of changed voxels, the
-    distribution of source displacements, values of a window are a permutation of the window's original
-    values, the value range never grows. Not matched: permutations are reused within a group (bank) and the
-    patch-to-patch spread of the changed fraction is larger (64 shapes per patch instead of 10,000).
+    This version never draws the 10,000 windows: it builds, per patch, what a voxel sees at the end of that
+    process. Each axis is cut into consecutive segments (:func:`brick_layout`), so the patch is a grid of boxes
+    ("bricks"). The segment sides are drawn such that the brick containing an interior voxel has, per axis and
+    independently, the official distribution of the sides of the window that *owns* the voxel (the last one
+    covering it: side s with probability proportional to ``s / (dim - s + 1)``). Each brick is shuffled with
+    the official probability that a voxel of it is covered by at least one window (``1 - (1 - q) ** N``, q the
+    probability that one window covers it, averaged over the brick per axis), else left unchanged. A shuffled
+    brick gets a permutation of its own voxels, read from the original patch, with this structure: its x
+    columns (fixed y, z) are moved as wholes by a uniform random permutation of its (y, z) cross-section
+    (one of ``bank_size`` drawn per cross-section shape and patch), and the order inside each column is one of
+    ``x_perms`` random permutations of the slab's x side (drawn per x slab of bricks, picked per column).
+    Per voxel that gives exactly the official source distribution: source uniform over the brick,
+    independently per axis. Permutations are drawn in pairs, a uniform one and its composition with a random
+    non-zero cyclic shift (also uniform, but never sharing a fixed point with its partner), so that shared
+    permutations do not leave whole groups of columns unchanged. The work is one (Y, Z) gather index per x
+    slab, ``x_perms + 1`` row copies of the patch and, per slab, one 2-D gather with that index shared by all
+    its rows: no per-window or per-voxel Python.
+
+    Matched (tested against the loop): fraction of changed voxels, per-axis distribution of
+    |source - destination|, every shuffled box holds a permutation of its original values, locality
+    (|displacement| < max side per axis), value range, channels never mix, no global RNG state.
+    Differs, on purpose:
+
+    * windows never overlap, so none is overwritten: the output is a permutation of the patch (in the official
+      process about 17 % of the voxels of a 128³ patch repeat a value shown elsewhere, because the visible
+      part of a window receives values from its parts that later windows cover), and shuffled regions are
+      whole boxes on a grid (official: boxes minus later boxes, at arbitrary positions);
+    * the permutation of a box is structured (columns move as wholes; ``x_perms`` x orders per slab; cross
+      section patterns reused from a bank), not uniform over all permutations of the box;
+    * the patch-to-patch spread of the changed fraction and of the mean displacement is larger (one side per
+      class and axis per patch), and the changed fraction falls off less steeply at the patch faces (coverage
+      is matched per brick, not per voxel);
+    * window sides are drawn per patch from ``round(rounds ** (1/3))`` classes per axis (strata of 1..max).
 
     Args:
-        x: (C, X, Y, Z) array, any range. All channels share windows and permutations.
+        x: (C, X, Y, Z) array, any range and dtype. All channels share bricks and permutations.
         rng: random source.
-        num_windows: number of windows (official 10,000).
+        num_windows: number of official windows the result stands for (official 10,000).
         max_window_fraction: maximum window side / patch side (official 0.1 = ``dim // 10``).
-        rounds: number of window shapes (groups) per patch (ours, 64).
-        bank_size: permutations per group (ours, 16).
+        rounds: brick shapes per patch (ours, 64: 4 side classes per axis).
+        bank_size: permutations drawn per cross-section shape (ours, 16).
+        x_perms: x permutations per slab (ours, 2).
 
     Returns:
         new (C, X, Y, Z) array of ``x``'s dtype.
     """
     x = np.ascontiguousarray(x)
-    C = x.shape[0]
-    shape = np.array(x.shape[1:], dtype=np.int64)
-    max_sides = max_window_sides(shape, max_window_fraction)
-    flat = x.reshape(C, -1)
-    out = flat.copy()
+    C, X, Y, Z = x.shape
+    max_sides = max_window_sides((X, Y, Z), max_window_fraction)
     if num_windows <= 0 or int(max_sides.prod()) == 1:
-        return out.reshape(x.shape)  # 1-voxel windows cannot change anything
-    strides = np.array([shape[1] * shape[2], shape[2], 1], dtype=np.int64)
-    sides_per_group = _stratified_sides(rng, max_sides, rounds)
-    per_group = -(-num_windows // rounds)
-    for g in range(rounds):
-        m = min(per_group, num_windows - g * per_group)
-        if m <= 0:
-            break
-        sides = sides_per_group[g]
-        start = rng.integers(0, shape - sides + 1, size=(m, 3))  # official: randint(0, dim - side)
-        vol = int(sides.prod())
-        local = _window_offsets(sides, strides)
-        k = min(bank_size, m)
-        perms = rng.permuted(np.broadcast_to(np.arange(vol), (k, vol)), axis=1)
-        displacement = local[perms] - local[None, :]  # (k, vol): source offset of each destination voxel
-        dst = np.add.outer(start @ strides, local)
-        src = displacement[rng.integers(0, k, m)]
-        src += dst
-        for c in range(C):
-            out[c].put(dst, flat[c].take(src))  # sequential: later windows overwrite earlier ones
+        return x.copy()  # 1-voxel windows cannot change anything
+    lay = brick_layout((X, Y, Z), rng, num_windows, max_window_fraction, rounds)
+    (sx, sy, sz), (lx, ly, lz), sel = lay.starts, lay.lengths, lay.selected
+    YZ = Y * Z
+    K = int(x_perms) if max_sides[0] > 1 else 0  # slabs of one row have nothing to permute along x
+    table, offset = _plane_patterns(rng, ly, lz, Z, int(bank_size), K, YZ)
+    pattern = np.take_along_axis(offset[None], rng.integers(0, bank_size, sel.shape + (1,)), axis=3)[..., 0]
+    pattern *= sel  # 0 = identity
+    by = np.repeat(np.arange(len(ly)), ly)  # brick index of each y
+    bz = np.repeat(np.arange(len(lz)), lz)
+    local = ((np.arange(Y) - np.repeat(sy, ly))[:, None] * lz[bz][None, :]
+             + (np.arange(Z) - np.repeat(sz, lz))[None, :])
+    idx = pattern.take(bz, axis=2).take(by, axis=1)  # (n_x, Y, Z): table offset of each voxel's pattern
+    idx += local
+    idx = table.take(idx)  # source offset within the slab buffer row
+    idx += np.arange(YZ).reshape(Y, Z)
+    idx = idx.reshape(len(lx), YZ)
+    flat = x.reshape(C, X, YZ)
+    out = np.empty_like(flat)
+    if K:
+        # per slab, K random orders of its rows: x row orders[l, k] goes to block k of buffer row l (k = 0: row l);
+        # orders come in pairs, a random order and its composition with a random non-zero cyclic shift
+        amax, n = int(lx.max()), len(lx)
+        half = (K + 1) // 2
+        rows = np.repeat(lx, half)
+        first = _ragged_permutations(rng, rows, amax)
+        perms = np.concatenate((_padded(first, rows, amax), _padded(_rotate_ragged(rng, first, rows), rows, amax)))
+        perms = perms.reshape(2, n, half, amax).transpose(1, 3, 0, 2).reshape(n, amax, 2 * half)[:, :, :K]
+        orders = np.concatenate((np.broadcast_to(np.arange(amax)[None, :, None], (n, amax, 1)), perms), axis=2)
+        orders += sx[:, None, None]
+        buf = np.empty((amax, (K + 1) * YZ), x.dtype)
+    for s, (x0, a) in enumerate(zip(sx.tolist(), lx.tolist())):
+        if K:
+            # buffer row l = [x row l | x row sigma_1(l) | ... | x row sigma_K(l)] of this slab
+            src = buf[:a]
+            for c in range(C):
+                flat[c].take(orders[s, :a].ravel(), axis=0, mode="clip", out=src.reshape(a * (K + 1), YZ))
+                src.take(idx[s], axis=1, mode="clip", out=out[c, x0:x0 + a])  # indices valid by construction
+        else:
+            for c in range(C):
+                flat[c, x0:x0 + a].take(idx[s], axis=1, mode="clip", out=out[c, x0:x0 + a])
     return out.reshape(x.shape)
 
 

@@ -153,3 +153,19 @@ def test_stage1_leaves_the_encoder_bit_identical_and_stage2_trains_it(remapped_s
     assert len(moved) > 0.5 * len([k for k in sd if k.startswith("encoder.stages.")])
     assert all(p.requires_grad for p in net.parameters())
 
+
+
+def test_optimizer_choice_is_data_and_round_trips():
+    import torch
+
+    from nnpre_trainers.finetune_schedule import FinetuneSchedule, default_schedule
+
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = default_schedule(100, pretrained=False)
+    assert isinstance(sgd.build_optimizer(p), torch.optim.SGD) and sgd.optimizer_kwargs()["momentum"] == 0.99
+    adam = default_schedule(100, pretrained=True, optimizer="adamw", base_lr=2e-3)
+    opt = adam.build_optimizer(p, iteration=50)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == adam.lr_at(50)
+    assert FinetuneSchedule.from_dict(adam.to_dict()) == adam
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        default_schedule(10, optimizer="lamb")

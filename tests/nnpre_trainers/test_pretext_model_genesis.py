@@ -9,7 +9,7 @@ import torch
 
 from nnpre_trainers.pretext import get_pretext
 from nnpre_trainers.pretext.model_genesis import (ModelGenesisConfig, apply_flips, apply_intensity_curve,
-                                                  in_painting, local_pixel_shuffle, max_window_sides,
+                                                  brick_layout, in_painting, local_pixel_shuffle, max_window_sides,
                                                   model_genesis_pair, out_painting, random_flip_axes,
                                                   random_intensity_curve)
 
@@ -127,25 +127,41 @@ def test_loss_is_whole_volume_mse():
 
 
 # -- local pixel shuffling ----------------------------------------------------------------------------------
-def test_shuffle_statistics_match_the_official_loop():
+def _unique_patch(shape, seed):
+    rng = np.random.default_rng(seed)
+    return rng.permutation(int(np.prod(shape))).astype(np.float32).reshape(shape)  # value = identity of a voxel
+
+
+def _pooled_displacements(bench, x, fn, rng, n):
+    """Changed fraction per patch and the pooled |displacement| of changed voxels per axis over ``n`` patches."""
+    fractions, pooled = [], []
+    for _ in range(n):
+        changed, d = bench.displacements(x, fn(x, rng))
+        fractions.append(changed.mean())
+        pooled.append(d[:, changed])
+    return np.array(fractions), np.concatenate(pooled, axis=1)
+
+
+@pytest.mark.parametrize("shape", [(1, 30, 30, 20), (1, 60, 40, 50)])  # window sides up to 3x3x2 / 6x4x5
+def test_shuffle_statistics_match_the_official_loop(shape):
     bench = _bench()
-    shape = (1, 30, 30, 20)  # window sides up to 3 x 3 x 2
-    for seed in (0, 1):
-        rng = np.random.default_rng(seed)
-        x = rng.permutation(int(np.prod(shape))).astype(np.float32).reshape(shape)  # unique values
-        vec = [bench.shuffle_statistics(x, local_pixel_shuffle(x, rng)) for _ in range(8)]
-        ref = [bench.shuffle_statistics(x, bench.local_pixel_shuffle_loop(x, rng)) for _ in range(8)]
-        changed_vec, changed_ref = np.mean([v[0] for v in vec]), np.mean([r[0] for r in ref])
-        disp_vec, disp_ref = np.mean([v[1] for v in vec], 0), np.mean([r[1] for r in ref], 0)
-        assert abs(changed_vec - changed_ref) < 0.03, (changed_vec, changed_ref)
-        assert np.all(np.abs(disp_vec - disp_ref) < 0.05), (disp_vec, disp_ref)
+    x = _unique_patch(shape, 0)
+    ours_fr, ours_d = _pooled_displacements(bench, x, local_pixel_shuffle, np.random.default_rng(1), 12)
+    ref_fr, ref_d = _pooled_displacements(bench, x, bench.local_pixel_shuffle_loop, np.random.default_rng(2), 12)
+    assert abs(ours_fr.mean() - ref_fr.mean()) < 0.02, (ours_fr.mean(), ref_fr.mean())
+    sides = max_window_sides(shape[1:])
+    for axis in range(3):  # per-axis distribution of |source - destination| over changed voxels
+        h_ours = np.bincount(ours_d[axis], minlength=sides[axis]) / ours_d.shape[1]
+        h_ref = np.bincount(ref_d[axis], minlength=sides[axis]) / ref_d.shape[1]
+        assert len(h_ours) == sides[axis]  # never moves max side or farther
+        assert 0.5 * np.abs(h_ours - h_ref).sum() < 0.04, (axis, h_ours, h_ref)  # total variation distance
+        assert abs(ours_d[axis].mean() - ref_d[axis].mean()) < 0.04 * ref_d[axis].mean() + 0.01
 
 
-def test_shuffle_is_local_and_keeps_values_and_range():
-    rng = np.random.default_rng(4)
-    shape = (2, 40, 30, 20)
-    x = rng.permutation(int(np.prod(shape))).astype(np.float32).reshape(shape)
-    out = local_pixel_shuffle(x, rng)
+@pytest.mark.parametrize("shape,x_perms", [((2, 40, 30, 20), 2), ((1, 12, 40, 30), 2), ((1, 30, 24, 40), 1)])
+def test_shuffle_is_local_and_keeps_values_and_range(shape, x_perms):
+    x = _unique_patch(shape, 4)
+    out = local_pixel_shuffle(x, np.random.default_rng(4), x_perms=x_perms)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert out.min() >= x.min() and out.max() <= x.max()
     # every output value exists in the input, at most (max side - 1) voxels away, same channel
@@ -159,30 +175,54 @@ def test_shuffle_is_local_and_keeps_values_and_range():
     assert np.array_equal(src_c[0], dst_c[0])  # channels never mix
     assert np.all(np.abs(src_c[1:] - dst_c[1:]) <= (sides - 1)[:, None])
     assert (out != x).mean() > 0.5
+    assert np.array_equal(np.sort(src), np.arange(flat.size))  # documented: a permutation, no value repeated
 
 
-def test_single_window_is_a_permutation_of_its_voxels():
-    shape = (1, 40, 40, 40)
-    for seed in range(5):
-        rng = np.random.default_rng(seed)
-        x = rng.permutation(int(np.prod(shape))).astype(np.float32).reshape(shape)
-        out = local_pixel_shuffle(x, rng, num_windows=1, rounds=1)
-        changed = np.argwhere(out[0] != x[0])
-        if len(changed) == 0:
-            continue  # a 1-voxel window (or an identity permutation)
-        lo, hi = changed.min(0), changed.max(0) + 1
-        assert np.all(hi - lo <= 4)  # max side 40 // 10
-        box = (0,) + tuple(slice(a, b) for a, b in zip(lo, hi))
-        assert np.array_equal(np.sort(out[box], axis=None), np.sort(x[box], axis=None))
-        rest = np.ones(shape, bool)
-        rest[box] = False
-        assert np.array_equal(out[rest], x[rest])
+@pytest.mark.parametrize("num_windows", [10_000, 40])
+def test_shuffled_bricks_are_permutations_of_their_voxels(num_windows):
+    shape = (2, 40, 30, 20)
+    for seed in range(3):
+        x = _unique_patch(shape, seed)
+        lay = brick_layout(shape[1:], np.random.default_rng(seed), num_windows)
+        out = local_pixel_shuffle(x, np.random.default_rng(seed), num_windows)  # same draws: same layout
+        for axis in range(3):
+            assert lay.lengths[axis].min() >= 1 and lay.lengths[axis].max() <= max_window_sides(shape[1:])[axis]
+            assert lay.starts[axis][0] == 0 and lay.starts[axis][-1] + lay.lengths[axis][-1] == shape[axis + 1]
+        touched = np.zeros(shape[1:], bool)
+        for i, j, k in np.ndindex(lay.selected.shape):
+            box = tuple(slice(s[n], s[n] + ln[n]) for s, ln, n in zip(lay.starts, lay.lengths, (i, j, k)))
+            vals_out, vals_in = out[(slice(None),) + box], x[(slice(None),) + box]
+            if lay.selected[i, j, k]:
+                for c in range(shape[0]):
+                    assert np.array_equal(np.sort(vals_out[c], axis=None), np.sort(vals_in[c], axis=None))
+                touched[box] = True
+            else:
+                assert np.array_equal(vals_out, vals_in)
+        assert np.array_equal(np.any(out != x, axis=0), np.any(out != x, axis=0) & touched)
+        if num_windows == 40:
+            assert 0 < touched.mean() < 0.2  # few windows: few bricks
+
+
+def test_shuffle_is_deterministic_and_leaves_global_rng_alone():
+    x = _unique_patch((2, 30, 30, 30), 5)
+    np_state, torch_state = np.random.get_state(), torch.get_rng_state()
+    a = local_pixel_shuffle(x, np.random.default_rng(3))
+    b = local_pixel_shuffle(x, np.random.default_rng(3))
+    c = local_pixel_shuffle(x, np.random.default_rng(4))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert all(np.array_equal(u, v) for u, v in zip(np.random.get_state()[1:3], np_state[1:3]))
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    # channels share bricks and permutations
+    y = np.stack([x[0], x[0] * 2 + 1000])
+    out = local_pixel_shuffle(y, np.random.default_rng(6))
+    assert np.array_equal(out[1], out[0] * 2 + 1000)
 
 
 def test_shuffle_small_patches_are_a_no_op():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 9, 9, 9)).astype(np.float32)  # 9 // 10 = 0 -> 1-voxel windows
     assert np.array_equal(local_pixel_shuffle(x, rng), x)
+    assert np.array_equal(local_pixel_shuffle(x[:, :8], rng, num_windows=0), x[:, :8])
 
 
 # -- intensity curve and painting ---------------------------------------------------------------------------

@@ -61,9 +61,9 @@ class ModelGenesisConfig:
         paint_rate: probability of painting. Official 0.9.
         inpaint_rate: given painting, probability of in-painting (else out-painting). Official 0.2
             (``outpaint_rate`` 0.8 = 1 - inpaint_rate).
-        shuffle_rounds: window shapes (groups of windows moved together) of the vectorised shuffle (ours;
-            see :func:`local_pixel_shuffle`).
-        shuffle_bank_size: random permutations drawn per group and shared by its windows (ours).
+        shuffle_rounds: brick shapes per patch of the fast local shuffle (ours, 64 = 4 side classes per axis;
+            see :func:`local_pixel_shuffle`, which documents how it differs from the official window loop).
+        shuffle_bank_size: cross-section permutations drawn per brick shape and patch (ours, 16).
     """
 
     flip_rate: float = 0.4

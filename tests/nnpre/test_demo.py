@@ -8,6 +8,7 @@ import pytest
 from nnpre.errors import NnPreError
 
 TINY = ["--labelled", "1", "--seeds", "1", "--pretrain-epochs", "1", "--pretrain-iterations", "2",
+        "--detect-epochs", "1", "--detect-iterations", "2",
         "--finetune-epochs", "1", "--finetune-iterations", "2", "--n-train", "2", "--n-test", "2", "--n-pool", "2"]
 
 

@@ -20,6 +20,10 @@ def _run(out, *extra):
 
 def test_demo_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    # the demo points nnU-Net's variables at its own folder; monkeypatch restores them afterwards
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path / "unused"))
+    monkeypatch.setenv("nnUNet_compile", "false")
     out = tmp_path / "demo"
     assert _run(out) == 0
     printed = capsys.readouterr().out

@@ -101,7 +101,13 @@ def test_from_scratch_and_few_labels(nnunet_root):
     t.configure_finetuning(from_scratch=True, num_train_cases=2)
     t.num_epochs = 1
     t.initialize()
-    assert t.schedule.base_lr == pytest.approx(1e-2) and len(t.schedule.stages) == 1
+    # cpu-tiny plans: the preset's short-run optimizer (AdamW, scratch peak 3e-3); gpu plans keep SGD 1e-2
+    from nnpre.presets import get_preset
+
+    tiny = get_preset("cpu-tiny")
+    assert t.schedule.base_lr == pytest.approx(tiny.finetune_lr[0]) and len(t.schedule.stages) == 1
+    assert t.schedule.optimizer == "adamw" and isinstance(t.optimizer, torch.optim.AdamW)
+    assert get_preset("gpu").finetune_optimizer == "sgd" and get_preset("gpu").finetune_lr is None
     tr, _ = t.do_split()
     assert len(tr) == 2 and tr == sorted(tr)
     tr2, _ = t.do_split()

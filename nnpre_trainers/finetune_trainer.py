@@ -99,11 +99,24 @@ class nnPreFineTuneTrainer(nnPreTrainerBase):
         self._set_run_folder(tag)
 
     def _set_run_folder(self, tag: str) -> None:
-        base = os.path.dirname(self.output_folder)
+        old_folder, old_log = self.output_folder, self.log_file
+        base = os.path.dirname(old_folder)
         self.output_folder_base = base + "__" + tag
-        self.output_folder = join(self.output_folder_base, os.path.basename(self.output_folder))
+        self.output_folder = join(self.output_folder_base, os.path.basename(old_folder))
         os.makedirs(self.output_folder, exist_ok=True)
-        self.log_file = join(self.output_folder, os.path.basename(self.log_file))
+        self.log_file = join(self.output_folder, os.path.basename(old_log))
+        # nnU-Net's __init__ created the untagged run folder and wrote its citation banner to the log there:
+        # move that log along and drop the folder when nothing else is in it.
+        try:  # (DDP ranks may race here: whoever comes second finds nothing to do)
+            if os.listdir(old_folder) == [os.path.basename(old_log)] and not os.path.exists(self.log_file):
+                os.replace(old_log, self.log_file)
+        except OSError:
+            pass
+        for empty in (old_folder, base):
+            try:
+                os.rmdir(empty)
+            except OSError:
+                break
         self.logger.output_folder = self.output_folder if hasattr(self.logger, "output_folder") else None
 
     # -- network and optimizer -----------------------------------------------------------------------------

@@ -112,6 +112,9 @@ def test_from_scratch_and_few_labels(nnunet_root):
     assert len(tr) == 2 and tr == sorted(tr)
     tr2, _ = t.do_split()
     assert tr == tr2  # deterministic
+    untagged = os.path.join(os.path.dirname(os.path.dirname(t.output_folder)),
+                            "nnPreFineTuneTrainer__nnPreResEncLPlans__3d_fullres")
+    assert not os.path.exists(untagged)  # nnU-Net's empty default run folder is removed
     assert t.output_folder.endswith(os.path.join("nnPreFineTuneTrainer__nnPreResEncLPlans__3d_fullres__scratch_n2",
                                                  "fold_all"))
 

@@ -20,8 +20,6 @@ can rebuild the model from the checkpoint alone.
 from __future__ import annotations
 
 import dataclasses
-import os
-from time import time
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -138,14 +136,7 @@ class nnPreDetectionTrainer(nnPreFineTuneTrainer):
                                 arch_kwargs_req_import=cm.network_arch_init_kwargs_req_import,
                                 **self.detector_overrides)
         if not self.from_scratch:
-            from batchgenerators.utilities.file_and_folder_operations import join
-
-            from nnpre.weight_transfer import transfer_encoder
-
-            self.transfer_report = transfer_encoder(self.pretrained_path, net, self.dataset_json.get("channel_names"))
-            if self.local_rank == 0:
-                self.print_to_log_file(self.transfer_report.summary())
-                self.transfer_report.save(join(self.output_folder, "pretrained_transfer.json"))
+            self.load_pretrained_encoder(net)
         return net
 
     def set_deep_supervision_enabled(self, enabled: bool):
@@ -196,28 +187,10 @@ class nnPreDetectionTrainer(nnPreFineTuneTrainer):
         return {"loss": loss.detach().cpu().numpy()}
 
     def on_validation_epoch_end(self, val_outputs):
-        losses = [float(o["loss"]) for o in val_outputs]
-        loss = float(np.mean(losses)) if losses else float("nan")
-        if self.is_ddp:
-            import torch.distributed as dist
-
-            t = torch.tensor([loss], dtype=torch.float64)
-            dist.all_reduce(t)
-            loss = float(t.item()) / dist.get_world_size()
-        self.logger.log("val_losses", loss, self.current_epoch)
+        self.log_mean_val_loss(val_outputs)
 
     def on_epoch_end(self):
-        self.logger.log("epoch_end_timestamps", time(), self.current_epoch)
-        log = self.logger.local_logger.my_fantastic_logging
-        tr, va = float(log["train_losses"][-1]), float(log["val_losses"][-1])
-        self.print_to_log_file(f"train_loss {tr:.4f}  val_loss {va:.4f}  epoch time "
-                               f"{log['epoch_end_timestamps'][-1] - log['epoch_start_timestamps'][-1]:.1f} s")
-        e = self.current_epoch
-        if (e + 1) % self.save_every == 0 and e != self.num_epochs - 1:
-            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
-        if np.isfinite(va) and (self._best_ema is None or va < self._best_ema):
-            self._best_ema = va
-            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
+        self.end_loss_epoch()
         self.current_epoch += 1
 
     def perform_actual_validation(self, save_probabilities: bool = False):

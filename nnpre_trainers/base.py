@@ -166,6 +166,34 @@ class nnPreTrainerBase(nnUNetTrainer):
     def on_checkpoint_loaded(self, checkpoint: dict) -> None:
         """Called after a checkpoint was restored (e.g. to rebuild a stage-specific optimizer)."""
 
+    # -- loss-only epochs (pretraining, detection: no pseudo-Dice) ------------------------------------------
+    def log_mean_val_loss(self, val_outputs) -> None:
+        """Log the mean of ``val_outputs[i]["loss"]`` (NaN if empty; averaged over DDP ranks) as ``val_losses``."""
+        losses = [float(o["loss"]) for o in val_outputs]
+        loss = float(np.mean(losses)) if losses else float("nan")
+        if self.is_ddp:
+            t = torch.tensor([loss], dtype=torch.float64)
+            dist.all_reduce(t)
+            loss = float(t.item()) / dist.get_world_size()
+        self.logger.log("val_losses", loss, self.current_epoch)
+
+    def end_loss_epoch(self) -> None:
+        """Log the epoch's losses and time; save ``checkpoint_latest`` every ``save_every`` epochs and
+        ``checkpoint_best`` on the lowest finite validation loss. Does not advance ``current_epoch``."""
+        from time import time
+
+        self.logger.log("epoch_end_timestamps", time(), self.current_epoch)
+        log = self.logger.local_logger.my_fantastic_logging
+        tr, va = float(log["train_losses"][-1]), float(log["val_losses"][-1])
+        self.print_to_log_file(f"train_loss {tr:.4f}  val_loss {va:.4f}  epoch time "
+                               f"{log['epoch_end_timestamps'][-1] - log['epoch_start_timestamps'][-1]:.1f} s")
+        e = self.current_epoch
+        if (e + 1) % self.save_every == 0 and e != self.num_epochs - 1:
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+        if np.isfinite(va) and (self._best_ema is None or va < self._best_ema):
+            self._best_ema = va
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
+
     # -- loop ----------------------------------------------------------------------------------------------
     def run_training(self):
         self.on_train_start()

@@ -123,11 +123,16 @@ class nnPreFineTuneTrainer(nnPreTrainerBase):
     def build_network(self):
         net = super().build_network()
         if not self.from_scratch:
-            self.transfer_report = transfer_encoder(self.pretrained_path, net, self.dataset_json.get("channel_names"))
-            if self.local_rank == 0:
-                self.print_to_log_file(self.transfer_report.summary())
-                self.transfer_report.save(join(self.output_folder, "pretrained_transfer.json"))
+            self.load_pretrained_encoder(net)
         return net
+
+    def load_pretrained_encoder(self, net: torch.nn.Module) -> None:
+        """Encoder-only transfer from ``pretrained_path`` into ``net``; the report is logged and saved as
+        ``pretrained_transfer.json`` in the run folder (rank 0)."""
+        self.transfer_report = transfer_encoder(self.pretrained_path, net, self.dataset_json.get("channel_names"))
+        if self.local_rank == 0:
+            self.print_to_log_file(self.transfer_report.summary())
+            self.transfer_report.save(join(self.output_folder, "pretrained_transfer.json"))
 
     def _parameter_groups(self):
         remapped = bool(self.transfer_report is not None and self.transfer_report.stem_remapped)

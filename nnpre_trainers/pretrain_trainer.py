@@ -19,7 +19,6 @@ epoch and a preview PNG of middle slices (``previews/epoch_XXXX.png``) is writte
 from __future__ import annotations
 
 import os
-from time import time
 from typing import Any, ClassVar, Dict, Optional
 
 import numpy as np
@@ -142,28 +141,11 @@ class nnPrePretrainTrainer(nnPreTrainerBase):
         return {"loss": loss.detach().cpu().numpy()}
 
     def on_validation_epoch_end(self, val_outputs):
-        losses = np.array([float(o["loss"]) for o in val_outputs]) if val_outputs else np.array([np.nan])
-        loss = float(np.mean(losses))
-        if self.is_ddp:
-            import torch.distributed as dist
-
-            t = torch.tensor([loss], dtype=torch.float64)
-            dist.all_reduce(t)
-            loss = float(t.item()) / dist.get_world_size()
-        self.logger.log("val_losses", loss, self.current_epoch)
+        self.log_mean_val_loss(val_outputs)
 
     def on_epoch_end(self):
-        self.logger.log("epoch_end_timestamps", time(), self.current_epoch)
-        log = self.logger.local_logger.my_fantastic_logging
-        tr, va = float(log["train_losses"][-1]), float(log["val_losses"][-1])
-        self.print_to_log_file(f"train_loss {tr:.4f}  val_loss {va:.4f}  epoch time "
-                               f"{log['epoch_end_timestamps'][-1] - log['epoch_start_timestamps'][-1]:.1f} s")
+        self.end_loss_epoch()  # best = lowest validation loss for pretraining
         e = self.current_epoch
-        if (e + 1) % self.save_every == 0 and e != self.num_epochs - 1:
-            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
-        if self._best_ema is None or va < self._best_ema:  # best = lowest validation loss for pretraining
-            self._best_ema = va
-            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
         if self.local_rank == 0:
             self._plot_losses()
             if (e + 1) % self.preview_every == 0 or e == self.num_epochs - 1:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from nnpre.cli._common import cli_entry
+from nnpre.synthetic import SYNTH_PRESETS
 
 METHODS = ("mae", "mg", "diffusion")
 #: Fine-tuning tasks: nnU-Net segmentation and Retina U-Net detection.
@@ -53,12 +54,13 @@ class DemoBudget:
 
 
 BUDGETS = {
-    # ~13 min on 2 cores (14.2 min measured with 6×50 / 4×40 fine-tuning iterations; trimmed for margin).
-    # Synthetic "medium" difficulty: with the cpu-tiny fine-tuning recipe (AdamW, see nnpre.presets) scratch
-    # training on 8 labelled cases reached test Dice 0.25 after 400 iterations, while "easy" saturates (0.91
-    # with 8, 0.88 with 2 cases) and leaves no room for pretraining. A Retina U-Net step costs about twice a
-    # segmentation step there, hence the shorter detection runs.
-    "cpu-tiny": DemoBudget(3, 80, 6, 45, 8, 4, 12, "medium", 4, 36),
+    # ~13 min on 2 cores (measured; see README). Synthetic "cpu" difficulty ("medium" confounders, lesions
+    # scaled to the 2 mm grid): scratch segmentation with the cpu-tiny recipe (AdamW, see nnpre.presets) for
+    # 6x45 iterations reached test Dice 0.37-0.43 with 8 labelled cases and 0.20-0.30 with 2 (3 seeds, 8 test
+    # cases), whereas on "medium" it plateaued at ~0.25 with either (only lung nodules were learned) and
+    # "easy" saturates (0.91 / 0.88). A Retina U-Net step costs about twice a segmentation step there, hence
+    # the shorter detection runs.
+    "cpu-tiny": DemoBudget(3, 80, 6, 45, 8, 8, 12, "cpu", 4, 36),
     "gpu": DemoBudget(1000, 250, 1000, 250, 40, 20, 200, "default", 1000, 250),
 }
 
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--n-pool", type=int, default=None)
-    p.add_argument("--difficulty", default=None, help="synthetic difficulty: default, medium or easy")
+    p.add_argument("--difficulty", default=None, choices=sorted(SYNTH_PRESETS),
+                   help="synthetic difficulty (default: the budget's; 'cpu' for cpu-tiny, 'default' for gpu)")
     return p
 
 

@@ -205,6 +205,19 @@ def test_easy_preset_is_high_contrast():
     assert stats and all(d > 3.0 * n for d, n, _, _ in stats)
 
 
+def test_cpu_level_is_medium_with_lesions_scaled_to_the_2mm_grid():
+    medium, cpu = get_synth_config("medium"), get_synth_config("cpu")
+    changed = {k for k, v in medium.to_dict().items() if cpu.to_dict()[k] != v}
+    assert changed == {"lesion_radius_mm", "n_lesions"}
+    radii = [les["radius_mm"] for k in range(6)
+             for les in synthesize_case(case_rng(0, STREAM_TRAIN, k), cpu).info["lesions"]]
+    assert radii and min(radii) >= 6.0 and max(radii) <= 16.0
+    # design intent: the median radius (log-uniform) in 2 mm voxels is within 20 % of the default's in 1 mm voxels
+    vox_cpu = np.sqrt(np.prod(cpu.lesion_radius_mm)) / 2.0
+    vox_default = np.sqrt(np.prod(get_synth_config("default").lesion_radius_mm)) / 1.0
+    assert abs(vox_cpu / vox_default - 1.0) < 0.2
+
+
 def _ring_stats(case):
     """(lesion mean - surrounding shell mean, noise std, site) for every lesion of ``case``."""
     img, inst = case.image[0], case.instances

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from nnpre.cli._common import cli_entry
-from nnpre.synthetic import SYNTH_PRESETS
+from nnpre.presets import get_preset
+from nnpre.synthetic import SYNTH_CALIBRATION, SYNTH_PRESETS
 
 METHODS = ("mae", "mg", "diffusion")
 #: Fine-tuning tasks: nnU-Net segmentation and Retina U-Net detection.
@@ -60,7 +61,7 @@ BUDGETS = {
     # cases), whereas on "medium" it plateaued at ~0.25 with either (only lung nodules were learned) and
     # "easy" saturates (0.91 / 0.88). A Retina U-Net step costs about twice a segmentation step there, hence
     # the shorter detection runs.
-    "cpu-tiny": DemoBudget(3, 80, 6, 45, 8, 8, 12, "cpu", 4, 36),
+    "cpu-tiny": DemoBudget(3, 80, 6, 45, 8, 8, 12, "cpu", 4, 32),
     "gpu": DemoBudget(1000, 250, 1000, 250, 40, 20, 200, "default", 1000, 250),
 }
 
@@ -92,6 +93,11 @@ class Stages:
     def __init__(self, out: str):
         self.folder = os.path.join(out, "stages")
         os.makedirs(self.folder, exist_ok=True)
+        self._started: Dict[str, float] = {}
+
+    def start(self, name: str) -> None:
+        """Note when stage ``name`` began; :meth:`mark` then records its duration as ``seconds``."""
+        self._started[name] = time.time()
 
     def done(self, name: str) -> Optional[dict]:
         p = os.path.join(self.folder, name + ".json")
@@ -105,6 +111,8 @@ class Stages:
     def mark(self, name: str, rec: dict) -> None:
         from nnpre.atomic import write_json
 
+        if name in self._started:
+            rec = {**rec, "seconds": time.time() - self._started.pop(name)}
         write_json(rec, os.path.join(self.folder, name + ".json"))
 
 
@@ -121,10 +129,11 @@ def _predict_and_evaluate(trainer, images_ts: str, labels_ts: str, out_dir: str)
     import numpy as np
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+    from scipy import ndimage
 
     from nnpre_detection.instances import boxes_from_instances, load_ground_truth, semantic_to_instances
     from nnpre_detection.metrics.evaluate import evaluate_boxes, evaluate_segmentation
-    import SimpleITK as sitk
 
     net = trainer.unwrapped_network
     net.eval()
@@ -136,22 +145,24 @@ def _predict_and_evaluate(trainer, images_ts: str, labels_ts: str, out_dir: str)
     pred_dir = os.path.join(out_dir, "seg")
     shutil.rmtree(pred_dir, ignore_errors=True)
     os.makedirs(pred_dir)
-    with torch.no_grad():
-        predictor.predict_from_files_sequential(images_ts, pred_dir, save_probabilities=True, overwrite=True)
-    seg = evaluate_segmentation(pred_dir, labels_ts, os.path.join(out_dir, "seg_metrics.json"))
-    dice = _lesion_dice(seg)
-    # detection: connected components of the predicted lesion label, score = max foreground probability
+    # Case by case in memory: the lesion probabilities score the connected components, and nnU-Net's own
+    # export would first write them as compressed .npz (a quarter of the evaluation time here).
+    ending = trainer.dataset_json["file_ending"]
+    reader = trainer.plans_manager.image_reader_writer_class()
     preds = {}
-    for f in sorted(os.listdir(pred_dir)):
-        if not f.endswith(".nii.gz"):
-            continue
-        case = f[: -len(".nii.gz")]
-        lab = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(pred_dir, f)))
-        prob = np.load(os.path.join(pred_dir, case + ".npz"))["probabilities"][1]
+    for files in create_lists_from_splitted_dataset_folder(images_ts, ending):
+        case = os.path.basename(files[0])[: -len(ending) - len("_0000")]
+        image, props = reader.read_images(files)
+        with torch.no_grad():
+            lab, prob = predictor.predict_single_npy_array(image, props, None, None, True)
+        reader.write_seg(lab, os.path.join(pred_dir, case + ending), props)
+        # detection: connected components of the predicted lesion label, score = max lesion probability
         inst, _ = semantic_to_instances((lab == 1).astype(np.uint8), classes=[1])
         boxes, ids = boxes_from_instances(inst)
-        scores = np.array([float(prob[inst == i].max()) for i in ids], dtype=np.float32)
+        scores = np.asarray(ndimage.maximum(prob[1], inst, ids) if len(ids) else [], dtype=np.float32)
         preds[case] = {"boxes": boxes, "scores": np.clip(scores, 0, 1), "labels": np.zeros(len(ids), np.int64)}
+    seg = evaluate_segmentation(pred_dir, labels_ts, os.path.join(out_dir, "seg_metrics.json"))
+    dice = _lesion_dice(seg)
     gts = load_ground_truth(labels_ts, semantic_classes=[1])
     det = evaluate_boxes(preds, gts, classes=1)
     from nnpre.atomic import write_json
@@ -210,7 +221,6 @@ def _lesion_dice(seg_metrics: dict) -> Optional[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     from tqdm import tqdm
 
     from nnpre.errors import fail
@@ -259,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
 
     def step(name):
         bar.set_postfix_str(name)
+        stages.start(name)
 
     def finished(name):
         bar.update(cost[name])
@@ -347,7 +358,9 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
 
     # 6. report ----------------------------------------------------------------------------------------------
-    report = write_report(out, results, methods, sizes, args.seeds, budget, preset, time.time() - t0)
+    compute = sum(float((stages.done(k) or {}).get("seconds", 0.0)) for k in cost)
+    wall = time.time() - t0
+    report = write_report(out, results, methods, sizes, args.seeds, budget, preset, max(compute, wall), wall)
     print(report)
     print(f"\nreport: {os.path.join(out, 'report', 'report.md')}")
     return 0
@@ -379,8 +392,11 @@ def _mean(values) -> float:
 
 
 def write_report(out: str, results: dict, methods: List[str], sizes: List[int], seeds: int,
-                 budget: DemoBudget, preset: str, seconds: float) -> str:
-    """Markdown tables, JSON and PNG plots in ``<out>/report``; returns the Markdown."""
+                 budget: DemoBudget, preset: str, seconds: float, invocation_seconds: Optional[float] = None) -> str:
+    """Markdown tables, JSON and PNG plots in ``<out>/report``; returns the Markdown.
+
+    ``seconds`` is the summed duration of all stages (also those reused from an earlier, resumed invocation);
+    ``invocation_seconds`` the wall time of this invocation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -406,11 +422,14 @@ def write_report(out: str, results: dict, methods: List[str], sizes: List[int], 
              f"{budget.finetune_epochs}×{budget.finetune_iterations} (segmentation) and "
              f"{budget.detect_epochs}×{budget.detect_iterations} (detection) iterations per run (pretrained runs: "
              f"encoder-only transfer, decoder-only warm-up for the first 5 %). {seeds} seed(s); values are the "
-             f"mean ± std over seeds on the held-out test set. Total time {seconds / 60:.1f} min.", ""]
+             f"mean ± std over seeds on the held-out test set. Stage time {seconds / 60:.1f} min"
+             + (f" ({invocation_seconds / 60:.1f} min in this invocation; the rest was reused from an earlier one)."
+                if invocation_seconds is not None and invocation_seconds < 0.9 * seconds else "."), ""]
     dice_scratch = {n: _mean(table["seg"]["dice"]["scratch"][n]) for n in sizes}
     lines += ["## Calibration", "",
               "The generator is calibrated so that scratch training with the fewest labels stays well below "
-              "training on all labelled cases (room for pretraining to help). Here, scratch lesion Dice: "
+              "training on all labelled cases (room for pretraining to help). Difficulty "
+              f"'{budget.difficulty}': {SYNTH_CALIBRATION.get(budget.difficulty, 'custom')}. This run, scratch lesion Dice: "
               + ", ".join(f"{n} labelled {dice_scratch[n]:.3f}" for n in sizes) + ".", ""]
     gap = dice_scratch[sizes[-1]] - dice_scratch[sizes[0]] if len(sizes) > 1 else float("nan")
     if len(sizes) > 1 and not gap >= CALIBRATION_GAP:
@@ -440,10 +459,16 @@ def write_report(out: str, results: dict, methods: List[str], sizes: List[int], 
                 most = ("; the gain is largest with the fewest labels" if gains[0] == max(gains)
                         else "; the gain is not largest with the fewest labels")
             lines.append(f"- {title.split(':')[0]}, {m}: {metric} vs scratch {parts} ({verdict}{most})")
-    lines += ["", "Pretrained runs follow the fine-tuning recipe's lower peak learning rate (1e-3 vs scratch's higher "
-              "one, see nnpre.presets) plus a decoder-only warm-up; in runs this short that alone can favour "
-              "scratch (compare the fine-tuning loss curves in loss_curves.png).",
-              "", "Short CPU runs are noisy: with one seed, differences of a few points are within noise; use "
+    lrs = get_preset(preset).finetune_lr
+    if lrs is None or lrs[1] < lrs[0]:
+        lines += ["", "Pretrained runs follow the fine-tuning recipe's lower peak learning rate "
+                  f"({'1e-3 vs 1e-2' if lrs is None else f'{lrs[1]:g} vs {lrs[0]:g}'} from scratch, see nnpre.presets) "
+                  "plus a decoder-only warm-up; in short runs that alone can favour scratch (compare the fine-tuning "
+                  "loss curves in loss_curves.png)."]
+    else:
+        lines += ["", f"Pretrained and scratch runs share the peak learning rate ({lrs[0]:g}, see nnpre.presets); "
+                  "pretrained runs add the decoder-only warm-up (first 5 % of iterations)."]
+    lines += ["", "Short CPU runs are noisy: with one seed, differences of a few points are within noise; use "
               "`--seeds 3` (and `--preset gpu` for faithful training lengths) before drawing conclusions.", ""]
     md = "\n".join(lines)
     write_with(lambda p: open(p, "w").write(md), os.path.join(rep, "report.md"))

@@ -46,12 +46,15 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     md = (rep / "report.md").read_text()
     assert "| diffusion |" in md and "## Calibration" in md and "Does pretraining beat scratch?" in md
     assert "Lesion Dice" in printed or "lesion Dice" in printed
+    assert "Difficulty 'cpu':" in md and "This run, scratch lesion Dice: 1 labelled" in md
+    assert all(json.loads(p.read_text())["seconds"] > 0 for p in (out / "stages").iterdir())
 
     # rerun: everything is skipped (no stage record rewritten)
     stages = out / "stages"
     before = {p.name: p.stat().st_mtime_ns for p in stages.iterdir()}
     assert _run(out) == 0
     assert {p.name: p.stat().st_mtime_ns for p in stages.iterdir()} == before
+    assert "reused from an earlier one" in (rep / "report.md").read_text()
 
     # a stage whose output vanished is recomputed, the others are not
     with open(stages / "seg_mae_n1_s0.json") as f:

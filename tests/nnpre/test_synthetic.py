@@ -10,9 +10,9 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from nnpre.errors import NnPreError
-from nnpre.synthetic import (STREAM_POOL, STREAM_TEST, STREAM_TRAIN, SynthConfig, case_rng, get_synth_config,
-                             make_study, synthesize_case, write_nndet_dataset, write_nnunet_dataset,
-                             write_unlabeled_pool)
+from nnpre.synthetic import (STREAM_POOL, STREAM_TEST, STREAM_TRAIN, SYNTH_CALIBRATION, SYNTH_PRESETS, SynthConfig,
+                             case_rng, get_synth_config, make_study, synthesize_case, write_nndet_dataset,
+                             write_nnunet_dataset, write_unlabeled_pool)
 
 SMALL = SynthConfig(fov_mm=48.0)
 
@@ -216,6 +216,10 @@ def test_cpu_level_is_medium_with_lesions_scaled_to_the_2mm_grid():
     vox_cpu = np.sqrt(np.prod(cpu.lesion_radius_mm)) / 2.0
     vox_default = np.sqrt(np.prod(get_synth_config("default").lesion_radius_mm)) / 1.0
     assert abs(vox_cpu / vox_default - 1.0) < 0.2
+
+
+def test_every_difficulty_states_its_calibration():
+    assert set(SYNTH_CALIBRATION) == set(SYNTH_PRESETS)
 
 
 def _ring_stats(case):

@@ -468,8 +468,10 @@ def write_report(out: str, results: dict, methods: List[str], sizes: List[int], 
     else:
         lines += ["", f"Pretrained and scratch runs share the peak learning rate ({lrs[0]:g}, see nnpre.presets); "
                   "pretrained runs add the decoder-only warm-up (first 5 % of iterations)."]
-    lines += ["", "Short CPU runs are noisy: with one seed, differences of a few points are within noise; use "
-              "`--seeds 3` (and `--preset gpu` for faithful training lengths) before drawing conclusions.", ""]
+    if seeds == 1:
+        lines += ["", "Short CPU runs are noisy: with one seed, differences of a few points are within noise; use "
+                  "`--seeds 3` (and `--preset gpu` for faithful training lengths) before drawing conclusions."]
+    lines.append("")
     md = "\n".join(lines)
     write_with(lambda p: open(p, "w").write(md), os.path.join(rep, "report.md"))
     write_json({"results": results, "table": table, "budget": budget.__dict__, "preset": preset,

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fov", type=float, default=None,
                    help=f"field of view in mm, a cube (default {SynthConfig().fov_mm})")
     p.add_argument("--difficulty", choices=sorted(SYNTH_PRESETS), default="default",
-                   help="generator calibration (default: the hard calibrated task; 'easy' = sanity task)")
+                   help="generator calibration (default: the hard calibrated task; 'cpu' = the CPU demo's task, "
+                        "lesions scaled to the 2 mm cpu-tiny grid; 'easy' = sanity task)")
     p.add_argument("--lung-label", action="store_true", help="also label the lungs (label 2)")
     p.add_argument("--nndet-out", default=None,
                    help="also write the labelled cases in nnDetection layout under this folder")

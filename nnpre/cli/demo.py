@@ -129,7 +129,8 @@ def _predict_and_evaluate(trainer, images_ts: str, labels_ts: str, out_dir: str)
     import numpy as np
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+    from batchgenerators.utilities.file_and_folder_operations import subfiles
+    from nnunetv2.utilities.utils import create_paths_fn, get_identifiers_from_splitted_dataset_folder
     from scipy import ndimage
 
     from nnpre_detection.instances import boxes_from_instances, load_ground_truth, semantic_to_instances
@@ -150,9 +151,10 @@ def _predict_and_evaluate(trainer, images_ts: str, labels_ts: str, out_dir: str)
     ending = trainer.dataset_json["file_ending"]
     reader = trainer.plans_manager.image_reader_writer_class()
     preds = {}
-    for files in create_lists_from_splitted_dataset_folder(images_ts, ending):
-        case = os.path.basename(files[0])[: -len(ending) - len("_0000")]
-        image, props = reader.read_images(files)
+    # nnU-Net's per-case file lists, without create_lists_from_splitted_dataset_folder's 12-process pool
+    names = subfiles(images_ts, suffix=ending, join=False, sort=True)
+    for case in map(str, get_identifiers_from_splitted_dataset_folder(images_ts, ending)):
+        image, props = reader.read_images(create_paths_fn(images_ts, names, ending, case))
         with torch.no_grad():
             lab, prob = predictor.predict_single_npy_array(image, props, None, None, True)
         reader.write_seg(lab, os.path.join(pred_dir, case + ending), props)
@@ -459,14 +461,16 @@ def write_report(out: str, results: dict, methods: List[str], sizes: List[int], 
                 most = ("; the gain is largest with the fewest labels" if gains[0] == max(gains)
                         else "; the gain is not largest with the fewest labels")
             lines.append(f"- {title.split(':')[0]}, {m}: {metric} vs scratch {parts} ({verdict}{most})")
-    lrs = get_preset(preset).finetune_lr
-    if lrs is None or lrs[1] < lrs[0]:
+    from nnpre_trainers.finetune_schedule import PRETRAINED_LR, SCRATCH_LR
+
+    scratch_lr, pretrained_lr = get_preset(preset).finetune_lr or (SCRATCH_LR, PRETRAINED_LR)
+    if pretrained_lr < scratch_lr:
         lines += ["", "Pretrained runs follow the fine-tuning recipe's lower peak learning rate "
-                  f"({'1e-3 vs 1e-2' if lrs is None else f'{lrs[1]:g} vs {lrs[0]:g}'} from scratch, see nnpre.presets) "
-                  "plus a decoder-only warm-up; in short runs that alone can favour scratch (compare the fine-tuning "
-                  "loss curves in loss_curves.png)."]
+                  f"({pretrained_lr:g} vs {scratch_lr:g} from scratch, see nnpre.presets) plus a decoder-only "
+                  "warm-up; in short runs that alone can favour scratch (compare the fine-tuning loss curves in "
+                  "loss_curves.png)."]
     else:
-        lines += ["", f"Pretrained and scratch runs share the peak learning rate ({lrs[0]:g}, see nnpre.presets); "
+        lines += ["", f"Pretrained and scratch runs share the peak learning rate ({scratch_lr:g}, see nnpre.presets); "
                   "pretrained runs add the decoder-only warm-up (first 5 % of iterations)."]
     if seeds == 1:
         lines += ["", "Short CPU runs are noisy: with one seed, differences of a few points are within noise; use "

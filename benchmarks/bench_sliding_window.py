@@ -38,22 +38,10 @@ PATCH = (32, 32, 32)
 
 def tiny_arch_kwargs(n_stages: int = 4) -> dict:
     """nnU-Net plans architecture entry of the cpu-tiny preset (class paths as strings)."""
-    return {
-        "n_stages": n_stages,
-        "features_per_stage": [min(8 * 2 ** i, 64) for i in range(n_stages)],
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3]] * n_stages,
-        "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
-        "n_blocks_per_stage": [1] * n_stages,
-        "n_conv_per_stage_decoder": [1] * (n_stages - 1),
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
+    from nnpre.adaptation_plan import unet_arch_kwargs
+
+    return unet_arch_kwargs([min(8 * 2 ** i, 64) for i in range(n_stages)], [[3, 3, 3]] * n_stages,
+                            [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1), [1] * n_stages, [1] * (n_stages - 1))
 
 
 def main() -> int:

@@ -27,24 +27,43 @@ DYNAMIC_CLASSES = {
     "PlainConvUNet": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
 }
 
+def unet_arch_kwargs(features_per_stage: List[int], kernel_sizes: List[List[int]], strides: List[List[int]],
+                     encoder_blocks: List[int], decoder_convs: List[int],
+                     blocks_key: str = "n_blocks_per_stage") -> Dict[str, Any]:
+    """``arch_kwargs`` of a 3D dynamic U-Net as nnU-Net plans (and nnssl adaptation plans) hold them.
+
+    The topology is given; the layer choices are nnU-Net's fixed ones: Conv3d with bias, InstanceNorm3d
+    (eps 1e-5, affine), no dropout, LeakyReLU (in place), as dotted class paths (the entries named in
+    :data:`KWARGS_REQUIRING_IMPORT`).
+
+    Args:
+        features_per_stage / kernel_sizes / strides: one entry per resolution stage.
+        encoder_blocks: per stage, residual blocks (``blocks_key="n_blocks_per_stage"``, ResidualEncoderUNet)
+            or convolutions (``"n_conv_per_stage"``, PlainConvUNet).
+        decoder_convs: per decoder stage (n_stages - 1) the convolutions.
+    """
+    return {
+        "n_stages": len(features_per_stage),
+        "features_per_stage": list(features_per_stage),
+        "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [list(k) for k in kernel_sizes],
+        "strides": [list(st) for st in strides],
+        blocks_key: list(encoder_blocks),
+        "n_conv_per_stage_decoder": list(decoder_convs),
+        "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
+    }
+
+
 #: nnssl ``get_res_enc_l`` (pretraining.md §1.1): 6 stages, 32→320 features, 3³ kernels,
 #: strides 1,2,2,2,2,2, blocks 1,3,4,6,6,6, conv bias, InstanceNorm(eps 1e-5, affine), LeakyReLU.
-RESENC_L_ARCH_KWARGS: Dict[str, Any] = {
-    "n_stages": 6,
-    "features_per_stage": [32, 64, 128, 256, 320, 320],
-    "conv_op": "torch.nn.modules.conv.Conv3d",
-    "kernel_sizes": [[3, 3, 3]] * 6,
-    "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5,
-    "n_blocks_per_stage": [1, 3, 4, 6, 6, 6],
-    "n_conv_per_stage_decoder": [1, 1, 1, 1, 1],
-    "conv_bias": True,
-    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-    "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-    "dropout_op": None,
-    "dropout_op_kwargs": None,
-    "nonlin": "torch.nn.LeakyReLU",
-    "nonlin_kwargs": {"inplace": True},
-}
+RESENC_L_ARCH_KWARGS: Dict[str, Any] = unet_arch_kwargs(
+    [32, 64, 128, 256, 320, 320], [[3, 3, 3]] * 6, [[1, 1, 1]] + [[2, 2, 2]] * 5, [1, 3, 4, 6, 6, 6], [1] * 5)
 KWARGS_REQUIRING_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 
 #: nnssl architecture presets that nnpre can build, mapped to (dynamic class, kwargs).

@@ -23,7 +23,6 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
-from dynamic_network_architectures.building_blocks.helper import convert_dim_to_conv_op, get_matching_instancenorm
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
@@ -32,6 +31,7 @@ from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_en
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
+from nnpre.adaptation_plan import unet_arch_kwargs
 from nnpre.atomic import write_json
 from nnpre.errors import fail
 from nnpre.presets import Preset, get_preset
@@ -137,26 +137,11 @@ class _FixedGeometryMixin:
             spacing, list(self.geometry.patch_size), self.UNet_featuremap_min_edge_length, 999999)
         patch_size = [int(p) for p in patch_size]
         n_stages = len(strides)
-        conv_op = convert_dim_to_conv_op(3)
-        norm = get_matching_instancenorm(conv_op)
         features = [min(self.geometry.max_features, self.geometry.base_features * 2 ** i) for i in range(n_stages)]
-        blocks = self._encoder_blocks(n_stages)
-        arch_kwargs = {
-            "n_stages": n_stages,
-            "features_per_stage": features,
-            "conv_op": conv_op.__module__ + "." + conv_op.__name__,
-            "kernel_sizes": [list(map(int, k)) for k in kernels],
-            "strides": [list(map(int, s)) for s in strides],
-            self._encoder_blocks_key: blocks,
-            "n_conv_per_stage_decoder": list(self.UNet_blocks_per_stage_decoder[: n_stages - 1]),
-            "conv_bias": True,
-            "norm_op": norm.__module__ + "." + norm.__name__,
-            "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-            "dropout_op": None,
-            "dropout_op_kwargs": None,
-            "nonlin": "torch.nn.LeakyReLU",
-            "nonlin_kwargs": {"inplace": True},
-        }
+        arch_kwargs = unet_arch_kwargs(features, [list(map(int, k)) for k in kernels],
+                                       [list(map(int, st)) for st in strides], self._encoder_blocks(n_stages),
+                                       self.UNet_blocks_per_stage_decoder[: n_stages - 1],
+                                       blocks_key=self._encoder_blocks_key)
         resampling_data, resampling_data_kwargs, resampling_seg, resampling_seg_kwargs = self.determine_resampling()
         resampling_softmax, resampling_softmax_kwargs = self.determine_segmentation_softmax_export_fn()
         normalization_schemes, mask_is_used_for_norm = \

@@ -7,6 +7,7 @@ import torch
 from dynamic_network_architectures.architectures.abstract_arch import test_submodules_loadable as submodules_loadable
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
+from nnpre.adaptation_plan import unet_arch_kwargs
 from nnpre.errors import NnPreError
 from nnpre_detection.boxes import box_iou
 from nnpre_detection.decoder import ufpn_channels
@@ -19,26 +20,11 @@ REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 
 def arch_kwargs(kind="resenc", n_stages=4, blocks=(1, 1, 1, 1, 1, 1)):
     """What an nnU-Net plans file holds (class paths as strings), for a tiny 4-stage net."""
-    kw = {
-        "n_stages": n_stages,
-        "features_per_stage": [min(8 * 2 ** i, 64) for i in range(n_stages)],
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3]] * n_stages,
-        "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
-        "n_conv_per_stage_decoder": [1] * (n_stages - 1),
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
-    if kind == "resenc":
-        kw["n_blocks_per_stage"] = list(blocks)[:n_stages]
-    else:
-        kw["n_conv_per_stage"] = [2] * n_stages
-    return kw
+    resenc = kind == "resenc"
+    return unet_arch_kwargs([min(8 * 2 ** i, 64) for i in range(n_stages)], [[3, 3, 3]] * n_stages,
+                            [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
+                            list(blocks)[:n_stages] if resenc else [2] * n_stages, [1] * (n_stages - 1),
+                            blocks_key="n_blocks_per_stage" if resenc else "n_conv_per_stage")
 
 
 def unet_from(kind, kw, in_ch=1):

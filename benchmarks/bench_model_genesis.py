@@ -29,8 +29,13 @@ import time
 import numpy as np
 import torch
 
-from nnpre_trainers.pretext.model_genesis import (ModelGenesisConfig, apply_intensity_curve, local_pixel_shuffle,
-                                                  model_genesis_pair, random_intensity_curve)
+from nnpre_trainers.pretext.model_genesis import (
+    ModelGenesisConfig,
+    apply_intensity_curve,
+    local_pixel_shuffle,
+    model_genesis_pair,
+    random_intensity_curve,
+)
 
 TARGET_RATIO = 20.0
 

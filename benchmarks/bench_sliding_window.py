@@ -55,8 +55,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from nnpre_detection.inference import WBC_IOU, _starts, merge_detections, predict_case
     from nnpre_detection.boxes import clip_boxes
+    from nnpre_detection.inference import WBC_IOU, _starts, merge_detections, predict_case
     from nnpre_detection.retina_unet import build_retina_unet
     from nnpre_detection.wbc import weighted_box_clustering
 

@@ -19,7 +19,7 @@ epoch and a preview PNG of middle slices (``previews/epoch_XXXX.png``) is writte
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict
 
 import numpy as np
 import torch

@@ -17,9 +17,8 @@ plans hold.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json

@@ -19,7 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 from tqdm import tqdm

@@ -128,8 +128,8 @@ def _predict_and_evaluate(trainer, images_ts: str, labels_ts: str, out_dir: str)
     """Sliding-window prediction of the test set, Dice and component-level detection metrics."""
     import numpy as np
     import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from batchgenerators.utilities.file_and_folder_operations import subfiles
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.utils import create_paths_fn, get_identifiers_from_splitted_dataset_folder
     from scipy import ndimage
 

@@ -9,7 +9,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import os
 
 from nnpre.cli._common import add_root_argument, apply_root, cli_entry, default_num_processes, triple
 

@@ -15,8 +15,14 @@ import sys
 from typing import List, Optional
 
 from nnpre.errors import NnPreError, fail
-from nnpre.synthetic import (SYNTH_PRESETS, SynthConfig, get_synth_config, write_nndet_dataset, write_nnunet_dataset,
-                             write_unlabeled_pool)
+from nnpre.synthetic import (
+    SYNTH_PRESETS,
+    SynthConfig,
+    get_synth_config,
+    write_nndet_dataset,
+    write_nnunet_dataset,
+    write_unlabeled_pool,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

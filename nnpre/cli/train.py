@@ -11,7 +11,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import sys
 
 from nnpre.cli._common import add_root_argument, apply_root, cli_entry
 

@@ -34,8 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from nnpre.errors import fail
-from nnpre_trainers.pretext.base import (CONDITIONING_ATTR, PretextSample, PretextTask, _vol, check_image,
-                                         unwrap_network)
+from nnpre_trainers.pretext.base import CONDITIONING_ATTR, PretextSample, PretextTask, _vol, check_image, unwrap_network
 from nnpre_trainers.pretext.registry import register_pretext
 
 SCHEDULES = ("linear", "cosine")

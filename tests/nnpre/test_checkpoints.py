@@ -1,7 +1,7 @@
 """Safe checkpoint loading (weights_only + exact allow-list), format detection, atomic saving."""
 import builtins
-import io
 import copy
+import io
 import os
 import pickle
 

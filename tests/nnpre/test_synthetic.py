@@ -10,9 +10,21 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from nnpre.errors import NnPreError
-from nnpre.synthetic import (STREAM_POOL, STREAM_TEST, STREAM_TRAIN, SYNTH_CALIBRATION, SYNTH_PRESETS, SynthConfig,
-                             case_rng, get_synth_config, make_study, synthesize_case, write_nndet_dataset,
-                             write_nnunet_dataset, write_unlabeled_pool)
+from nnpre.synthetic import (
+    STREAM_POOL,
+    STREAM_TEST,
+    STREAM_TRAIN,
+    SYNTH_CALIBRATION,
+    SYNTH_PRESETS,
+    SynthConfig,
+    case_rng,
+    get_synth_config,
+    make_study,
+    synthesize_case,
+    write_nndet_dataset,
+    write_nnunet_dataset,
+    write_unlabeled_pool,
+)
 
 SMALL = SynthConfig(fov_mm=48.0)
 

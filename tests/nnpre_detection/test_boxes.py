@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from nnpre_detection.boxes import (
-    box_center, box_giou, box_iou, box_pair_giou, box_pair_iou, box_size, box_volume, clip_boxes,
-    convert_boxes, remove_small_boxes,
+    box_center,
+    box_giou,
+    box_iou,
+    box_pair_giou,
+    box_pair_iou,
+    box_size,
+    box_volume,
+    clip_boxes,
+    convert_boxes,
+    remove_small_boxes,
 )
 
 

@@ -48,7 +48,6 @@ def test_detection_train_and_predict(nnunet_root, tmp_path):
     torch.manual_seed(0)
     np.random.seed(0)  # nnU-Net's data loader draws from the global numpy RNG
     from nnpre_testdata import write_raw_dataset
-    from planners.pipeline import plan_dataset
 
     from nnpre.cli.predict import main as predict_main
     from nnpre_detection.boxes import box_iou
@@ -57,6 +56,7 @@ def test_detection_train_and_predict(nnunet_root, tmp_path):
     from nnpre_detection.metrics.io import read_prediction
     from nnpre_detection.trainer import nnPreDetectionTrainer
     from nnpre_trainers.run import make_trainer
+    from planners.pipeline import plan_dataset
 
     raw = write_raw_dataset(nnunet_root, did=47, n_cases=3)
     r = plan_dataset(47, preset="cpu-tiny", num_processes=1)

@@ -9,8 +9,9 @@ from planners.pipeline import plan_dataset
 
 def _pretrained_checkpoint(trainer_plans, path, num_input_channels=1):
     """A checkpoint in nnpre format: the plans' U-Net (1 output channel) + adaptation plan."""
-    from nnpre.adaptation_plan import from_nnunet_plans
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from nnpre.adaptation_plan import from_nnunet_plans
 
     a = trainer_plans["configurations"]["3d_fullres"]["architecture"]
     torch.manual_seed(1)
@@ -38,6 +39,7 @@ def _encoder(t):
 
 def test_finetune_stages_and_resume(nnunet_root, tmp_path):
     from nnpre_testdata import write_raw_dataset
+
     from nnpre_trainers.finetune_schedule import default_schedule
     from nnpre_trainers.finetune_trainer import nnPreFineTuneTrainer
     from nnpre_trainers.run import maybe_resume
@@ -93,6 +95,7 @@ def test_finetune_stages_and_resume(nnunet_root, tmp_path):
 
 def test_from_scratch_and_few_labels(nnunet_root):
     from nnpre_testdata import write_raw_dataset
+
     from nnpre_trainers.finetune_trainer import nnPreFineTuneTrainer
 
     write_raw_dataset(nnunet_root, did=42, n_cases=3)

@@ -8,10 +8,19 @@ import pytest
 import torch
 
 from nnpre_trainers.pretext import get_pretext
-from nnpre_trainers.pretext.model_genesis import (ModelGenesisConfig, apply_flips, apply_intensity_curve,
-                                                  brick_layout, in_painting, local_pixel_shuffle, max_window_sides,
-                                                  model_genesis_pair, out_painting, random_flip_axes,
-                                                  random_intensity_curve)
+from nnpre_trainers.pretext.model_genesis import (
+    ModelGenesisConfig,
+    apply_flips,
+    apply_intensity_curve,
+    brick_layout,
+    in_painting,
+    local_pixel_shuffle,
+    max_window_sides,
+    model_genesis_pair,
+    out_painting,
+    random_flip_axes,
+    random_intensity_curve,
+)
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_model_genesis.py"
 

@@ -8,8 +8,15 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
 from nnpre.errors import NnPreError
-from nnpre_trainers.pretext import (PretextSample, PretextTask, attach_conditioning, default_config, get_pretext,
-                                    list_pretexts, register_pretext)
+from nnpre_trainers.pretext import (
+    PretextSample,
+    PretextTask,
+    attach_conditioning,
+    default_config,
+    get_pretext,
+    list_pretexts,
+    register_pretext,
+)
 from nnpre_trainers.pretext import registry as registry_module
 
 

@@ -3,8 +3,8 @@
 Per ground-truth box g (detection.md §1.5):
 
 1. on every detection level take the ``num_candidates * anchors_per_location`` anchors whose centres are
-   closest (Euclidean) to the centre of g (nnDetection: 4 x 27 = 108 per level; like nnDetection and MONAI,
-   at most as many as the level has positions);
+   closest (Euclidean) to the centre of g (nnDetection: 4 x 27 = 108 per level), at most all anchors of the
+   level (nnDetection ``core/boxes/matcher/atss.py``: ``min(num_candidates * anchors_per_loc, anchors_of_level)``);
 2. threshold ``t_g = mean + std`` (unbiased std) of the IoUs of g with all its candidates;
 3. candidates with ``IoU >= t_g`` are positive for g (optionally only if their centre lies inside g, which
    nnDetection v001 disables);
@@ -70,9 +70,9 @@ class ATSSMatcher:
         candidates = []
         start = 0
         for count in num_anchors_per_level:
-            # bounded by the level's number of *positions*, as in nnDetection / MONAI (matters only on levels
-            # with fewer than num_candidates * anchors_per_location positions)
-            k = min(self.num_candidates * num_anchors_per_location, count // num_anchors_per_location)
+            # capped by the level's number of *anchors* (nnDetection ATSSMatcher.compute_matches); matters on
+            # coarse levels with fewer than num_candidates positions (e.g. a 1x1x1 map keeps all 27 anchors)
+            k = min(self.num_candidates * num_anchors_per_location, count)
             if k > 0:
                 candidates.append(dist[:, start:start + count].topk(k, dim=1, largest=False).indices + start)
             start += count

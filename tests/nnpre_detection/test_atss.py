@@ -45,7 +45,7 @@ def _positive_sets(gt, a, counts, num_candidates=4):
     for g in range(gt.shape[0]):
         cands, start = [], 0
         for c in counts:
-            k = min(num_candidates * A_LOC, c // A_LOC)
+            k = min(num_candidates * A_LOC, c)
             cands.append(dist[g, start:start + c].topk(k, largest=False).indices + start)
             start += c
         cands = torch.cat(cands)
@@ -92,11 +92,14 @@ def test_center_in_gt(anchors):
 
 
 @pytest.mark.parametrize("center_in_gt", [False, True])
-def test_equals_monai_port(anchors, center_in_gt):
+def test_equals_monai_port(center_in_gt):
+    """MONAI caps candidates at the level's positions, nnDetection at its anchors: equal when every level has
+    at least num_candidates x 27 positions (here 512 and 216)."""
     monai_atss = pytest.importorskip("monai.apps.detection.utils.ATSS_matcher")
     from monai.data.box_utils import box_iou as monai_box_iou
 
-    a, counts = anchors
+    per_level = AnchorGenerator(SIZES)((16, 16, 16), [(8, 8, 8), (6, 6, 6)])
+    a, counts = torch.cat(per_level), [p.shape[0] for p in per_level]
     gen = torch.Generator().manual_seed(7)
     for n in (1, 3, 6):
         gt = random_gt(n, gen)
@@ -105,3 +108,16 @@ def test_equals_monai_port(anchors, center_in_gt):
             convert_boxes(gt, "xyxyzz", "xyzxyz"), convert_boxes(a, "xyxyzz", "xyzxyz"),
             [c // A_LOC for c in counts], A_LOC)
         assert torch.equal(ours, ref)
+
+
+def test_candidates_capped_by_anchors_not_positions():
+    """nnDetection caps a level's candidates at its number of *anchors*: on a 1x1x1 level (27 anchors, fewer
+    than 4 x 27) all 27 anchors are candidates; a cap at the number of positions would keep one anchor."""
+    sizes = [((2, 4, 8),) * 3]
+    a = torch.cat(AnchorGenerator(sizes)((4, 4, 4), [(1, 1, 1)]))  # 27 anchors centred at the origin
+    gt = torch.tensor([[-3.0, -3, 3, 3, -3, 3]])  # 6^3 box around the origin
+    m = ATSSMatcher(num_candidates=4)(gt, a, [27], 27)
+    iou = box_iou(gt, a)[0]
+    thr = iou.mean() + iou.std()  # mean + std over all 27 candidates, by hand
+    assert torch.equal(m >= 0, iou >= thr)
+    assert int((m >= 0).sum()) > 1  # the equidistant 27 anchors: several pass the adaptive threshold

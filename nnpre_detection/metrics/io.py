@@ -1,4 +1,4 @@
-"""Reading prediction files written by the nnpre detector.
+"""Reading prediction files written by the nnpre detector (or nnDetection's ``<case>_boxes.pkl``).
 
 One JSON file per case, ``<case>.json``::
 
@@ -11,7 +11,8 @@ One JSON file per case, ``<case>.json``::
 Only ``boxes``, ``scores`` and ``labels`` are used for evaluation. Boxes and scores are read as float32,
 the precision of nnDetection's (and our) network outputs, so evaluation sees the same numbers nnDetection
 would. JSON files without any of the three keys (e.g. a run summary) are skipped; a file with only some of
-them is an error.
+them is an error. A folder of nnDetection ``<case>_boxes.pkl`` files (and no JSON) is read with
+:mod:`nnpre_detection.metrics.nndet_pickle`, which runs no code from the files.
 """
 from __future__ import annotations
 
@@ -73,7 +74,10 @@ def load_predictions(folder: str) -> dict[str, dict]:
     if not os.path.isdir(folder):
         fail(f"prediction folder {folder} does not exist")
     out: dict[str, dict] = {}
-    for name in sorted(os.listdir(folder)):
+    names = sorted(os.listdir(folder))
+    if any(n.endswith("_boxes.pkl") for n in names) and not any(n.endswith(".json") for n in names):
+        return _load_nndet_predictions(folder, names)
+    for name in names:
         if not name.endswith(".json") or name.startswith("."):
             continue
         path = os.path.join(folder, name)
@@ -90,4 +94,20 @@ def load_predictions(folder: str) -> dict[str, dict]:
         out[case] = parse_prediction(head, path)
     if not out:
         fail(f"{folder}: no prediction files (<case>.json with boxes/scores/labels) found")
+    return out
+
+
+def _load_nndet_predictions(folder: str, names: list[str]) -> dict[str, dict]:
+    """nnDetection's ``<case>_boxes.pkl`` files (read with a restricted unpickler, see
+    :mod:`nnpre_detection.metrics.nndet_pickle`), converted like our JSON predictions."""
+    from nnpre_detection.metrics.nndet_pickle import nndet_case_id, read_nndet_boxes
+
+    out: dict[str, dict] = {}
+    for name in names:
+        case = nndet_case_id(name)
+        if case is None:
+            continue
+        path = os.path.join(folder, name)
+        pred = read_nndet_boxes(path)
+        out[case] = parse_prediction({k: np.asarray(pred[k]).tolist() for k in PREDICTION_KEYS}, path)
     return out

@@ -63,7 +63,7 @@ def test_registered_tasks_and_default_configs():
 def test_overrides_and_errors():
     assert get_pretext("mae", mask_ratio=0.6).config.mask_ratio == 0.6
     assert get_pretext("diffusion", feature_timesteps=[5, 7]).config.feature_timesteps == (5, 7)
-    with pytest.raises(NnPreError, match="known tasks: diffusion, mae, model_genesis"):
+    with pytest.raises(NnPreError, match="known tasks: diffusion, mae, model_genesis, s3d"):
         get_pretext("simclr")
     with pytest.raises(NnPreError, match="unknown pretext task"):
         default_config("simclr")
@@ -120,7 +120,7 @@ def test_smoke_step_on_tiny_resenc(name):
 
 
 # -- every task: the loss goes down on data made here -------------------------------------------------------
-LEARN = {"mae": {"block_size": 4}, "model_genesis": {}, "diffusion": {}}
+LEARN = {"mae": {"block_size": 4}, "model_genesis": {}, "diffusion": {}, "s3d": {"block_size": 4}}
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 """The adaptation plan: everything a downstream run needs to reuse a pretrained encoder.
 
-The serialised form is the one nnssl writes into checkpoints as ``nnssl_adaptation_plan``
-(``shared/reference/pretraining.md`` §2.2): ``architecture_plans`` (``arch_class_name``, ``arch_kwargs``,
-``arch_kwargs_requiring_import``), ``pretrain_plan`` (an nnssl ``Plan`` whose ``configurations.<name>``
-holds ``spacing``, ``patch_size``, ``normalization_schemes``, ...), ``pretrain_num_input_channels``,
-``recommended_downstream_patchsize`` and the state-dict keys ``key_to_encoder``, ``key_to_stem``,
-``keys_to_in_proj``, ``key_to_lpe``. nnssl loaders read those keys and ignore the rest, so nnpre's own
+The serialised form is the one nnssl writes into checkpoints as ``nnssl_adaptation_plan`` (nnssl
+``src/nnssl/adaptation_planning/adaptation_plan.py``, ``AdaptationPlan.serialize``): ``architecture_plans``
+(``arch_class_name``, ``arch_kwargs``, ``arch_kwargs_requiring_import``), ``pretrain_plan`` (an nnssl
+``Plan`` whose ``configurations.<name>`` holds ``spacing``, ``patch_size``, ``normalization_schemes``, ...),
+``pretrain_num_input_channels``, ``recommended_downstream_patchsize`` and the state-dict keys
+``key_to_encoder``, ``key_to_stem``, ``keys_to_in_proj``, ``key_to_lpe``.
+nnssl loaders read those keys and ignore the rest, so nnpre's own
 extras (pretext task, its config, input channel names) live under one extra key, ``nnpre``.
 
 The dict holds plain Python values only (str, int, float, bool, None, list, dict), so a checkpoint
@@ -19,74 +20,26 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from nnpre.architecture import (  # noqa: F401 - re-exported: the architecture facts used to live here
+    ARCH_PRESETS,
+    DYNAMIC_CLASSES,
+    KEY_LAYOUTS,
+    KWARGS_REQUIRING_IMPORT,
+    RESENC_L_ARCH_KWARGS,
+    expand_int_list,
+    key_layout,
+    resolve_family,
+    short_class_name,
+    stage_description,
+    unet_arch_kwargs,
+)
 from nnpre.errors import fail
 
-#: Where the dynamic U-Nets live (nnU-Net plans use the dotted path, nnssl the short name).
-DYNAMIC_CLASSES = {
-    "ResidualEncoderUNet": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
-    "PlainConvUNet": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-}
-
-def unet_arch_kwargs(features_per_stage: List[int], kernel_sizes: List[List[int]], strides: List[List[int]],
-                     encoder_blocks: List[int], decoder_convs: List[int],
-                     blocks_key: str = "n_blocks_per_stage") -> Dict[str, Any]:
-    """``arch_kwargs`` of a 3D dynamic U-Net as nnU-Net plans (and nnssl adaptation plans) hold them.
-
-    The topology is given; the layer choices are nnU-Net's fixed ones: Conv3d with bias, InstanceNorm3d
-    (eps 1e-5, affine), no dropout, LeakyReLU (in place), as dotted class paths (the entries named in
-    :data:`KWARGS_REQUIRING_IMPORT`).
-
-    Args:
-        features_per_stage / kernel_sizes / strides: one entry per resolution stage.
-        encoder_blocks: per stage, residual blocks (``blocks_key="n_blocks_per_stage"``, ResidualEncoderUNet)
-            or convolutions (``"n_conv_per_stage"``, PlainConvUNet).
-        decoder_convs: per decoder stage (n_stages - 1) the convolutions.
-    """
-    return {
-        "n_stages": len(features_per_stage),
-        "features_per_stage": list(features_per_stage),
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [list(k) for k in kernel_sizes],
-        "strides": [list(st) for st in strides],
-        blocks_key: list(encoder_blocks),
-        "n_conv_per_stage_decoder": list(decoder_convs),
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
-
-
-#: nnssl ``get_res_enc_l`` (pretraining.md §1.1): 6 stages, 32→320 features, 3³ kernels,
-#: strides 1,2,2,2,2,2, blocks 1,3,4,6,6,6, conv bias, InstanceNorm(eps 1e-5, affine), LeakyReLU.
-RESENC_L_ARCH_KWARGS: Dict[str, Any] = unet_arch_kwargs(
-    [32, 64, 128, 256, 320, 320], [[3, 3, 3]] * 6, [[1, 1, 1]] + [[2, 2, 2]] * 5, [1, 3, 4, 6, 6, 6], [1] * 5)
-KWARGS_REQUIRING_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
-
-#: nnssl architecture presets that nnpre can build, mapped to (dynamic class, kwargs).
-ARCH_PRESETS = {"ResEncL": ("ResidualEncoderUNet", RESENC_L_ARCH_KWARGS)}
-
-#: State-dict locations per dynamic class (dynamic-network-architectures >= 0.4, pretraining.md §3.4).
-DEFAULT_KEYS = {
-    "ResidualEncoderUNet": {
-        "key_to_encoder": "encoder.stages",
-        "key_to_stem": "encoder.stem",
-        "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"],
-        "key_to_lpe": None,
-    },
-    "PlainConvUNet": {
-        "key_to_encoder": "encoder.stages",
-        "key_to_stem": "encoder.stages.0",
-        "keys_to_in_proj": ["encoder.stages.0.0.convs.0.conv", "encoder.stages.0.0.convs.0.all_modules.0"],
-        "key_to_lpe": None,
-    },
-}
+#: Backwards-compatible name of :data:`nnpre.architecture.KEY_LAYOUTS`.
+DEFAULT_KEYS = KEY_LAYOUTS
 
 #: nnssl's default pretraining configuration (``onemmiso``: 1 mm isotropic, z-score, one channel,
-#: 160³ patches; pretraining.md §1.1/§1.2).
+#: 160³ patches; nnssl ``experiment_planning`` ``onemmiso`` plans).
 _NNSSL_ONEMMISO = {
     "data_identifier": "nnsslPlans_onemmiso",
     "preprocessor_name": "DefaultPreprocessor",
@@ -124,18 +77,6 @@ def plain(obj: Any, where: str = "value") -> Any:
     fail(f"adaptation plan field {where} holds a {type(obj).__name__}; only plain values are allowed")
 
 
-def short_class_name(name: Optional[str]) -> str:
-    """'dynamic_network_architectures....ResidualEncoderUNet' → 'ResidualEncoderUNet' (presets unchanged)."""
-    return str(name or "").split(".")[-1]
-
-
-def expand_int_list(value: Any, n: int) -> List[int]:
-    """An int or a sequence → list of ``n`` ints (nnU-Net accepts both for blocks/features)."""
-    if isinstance(value, (int, np.integer)):
-        return [int(value)] * n
-    return [int(v) for v in value]
-
-
 @dataclass
 class AdaptationPlan:
     """nnssl-compatible description of a pretrained network plus nnpre's pretext record.
@@ -167,7 +108,7 @@ class AdaptationPlan:
     key_to_encoder: str = "encoder.stages"
     key_to_stem: str = "encoder.stem"
     keys_to_in_proj: List[str] = field(
-        default_factory=lambda: list(DEFAULT_KEYS["ResidualEncoderUNet"]["keys_to_in_proj"]))
+        default_factory=lambda: key_layout("ResidualEncoderUNet")["keys_to_in_proj"])
     key_to_lpe: Optional[str] = None
     pretrain_patch_size: Optional[List[int]] = None
     pretext: Optional[str] = None
@@ -180,8 +121,7 @@ class AdaptationPlan:
     @property
     def network_class_name(self) -> str:
         """Short dynamic class name ("ResidualEncoderUNet" / "PlainConvUNet"); presets resolved."""
-        name = short_class_name(self.architecture_plans.get("arch_class_name"))
-        return ARCH_PRESETS[name][0] if name in ARCH_PRESETS else name
+        return resolve_family(self.architecture_plans.get("arch_class_name"))
 
     @property
     def dotted_network_class(self) -> str:
@@ -215,7 +155,8 @@ class AdaptationPlan:
         Args:
             num_input_channels: C of the input (B, C, X, Y, Z); default the pretraining channel count.
             num_output_channels: channels of the seg/reconstruction layers.
-            deep_supervision: passed to the decoder (fine-tuning default: off, pretraining.md §2.3).
+            deep_supervision: passed to the decoder (fine-tuning default: off, as nnU-Net master's
+                ``PretrainedTrainer``).
         """
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
@@ -312,8 +253,7 @@ class AdaptationPlan:
         if not arch.get("arch_kwargs") and name in ARCH_PRESETS:
             arch["arch_kwargs"] = copy.deepcopy(ARCH_PRESETS[name][1])
             arch["arch_kwargs_requiring_import"] = list(KWARGS_REQUIRING_IMPORT)
-        dyn = ARCH_PRESETS[name][0] if name in ARCH_PRESETS else name
-        keys = DEFAULT_KEYS.get(dyn, DEFAULT_KEYS["ResidualEncoderUNet"])
+        keys = key_layout(name)
         extras = d.get(NNPRE_EXTRAS_KEY) or {}
         rec = d.get("recommended_downstream_patchsize") or (d.get("pretrain_patch_size") or [160, 160, 160])
         in_proj = d.get("keys_to_in_proj") or keys["keys_to_in_proj"]
@@ -345,7 +285,7 @@ class AdaptationPlan:
 
 
 def resenc_l_default() -> AdaptationPlan:
-    """The plan of an nnssl ResEnc-L checkpoint (pretraining.md §1.1, §2.2).
+    """The plan of an nnssl ResEnc-L checkpoint (nnssl ``get_res_enc_l`` and ``AdaptationPlan``).
 
     Used for checkpoints that carry no ``nnssl_adaptation_plan`` (raw nnssl / OpenMind runs): ResEnc-L
     kwargs, one input channel, ``onemmiso`` configuration (1 mm, z-score, 160³), downstream patch 160³,
@@ -366,7 +306,7 @@ def resenc_l_default() -> AdaptationPlan:
         },
         pretrain_num_input_channels=1,
         recommended_downstream_patchsize=[160, 160, 160],
-        **copy.deepcopy(DEFAULT_KEYS["ResidualEncoderUNet"]),
+        **key_layout("ResidualEncoderUNet"),
     )
 
 
@@ -398,7 +338,7 @@ def from_nnunet_plans(plans: Dict[str, Any], configuration: str, num_input_chann
         fail(f"configuration '{configuration}' has no 'architecture' entry (nnU-Net < 2.4 plans are not supported); "
              f"re-plan the dataset with nnPre_plan")
     name = short_class_name(arch["network_class_name"])
-    keys = copy.deepcopy(DEFAULT_KEYS.get(name, DEFAULT_KEYS["ResidualEncoderUNet"]))
+    keys = key_layout(name)
     config_record = {k: cfg[k] for k in (
         "data_identifier", "preprocessor_name", "normalization_schemes", "use_mask_for_norm", "resampling_fn_data",
         "resampling_fn_data_kwargs", "resampling_fn_mask", "resampling_fn_mask_kwargs", "resampling_fn_seg",
@@ -436,42 +376,3 @@ def ordered_channel_names(names: Any) -> Optional[List[str]]:
     if isinstance(names, (list, tuple)):
         return [str(v) for v in names]
     fail(f"channel_names must be a dict {{'0': 'T1', ...}} or a list, got {type(names).__name__}")
-
-
-def stage_description(arch_kwargs: Dict[str, Any], class_name: Optional[str] = None) -> Dict[str, Any]:
-    """Normalised encoder topology for comparisons.
-
-    Returns ``{"network": short class, "conv_dim": 2|3, "n_stages", "features_per_stage",
-    "kernel_sizes", "strides", "blocks_per_stage"}``; ints are expanded to per-stage lists and
-    per-axis triples. ``blocks_per_stage`` is ``n_blocks_per_stage`` (residual) or ``n_conv_per_stage``
-    (plain conv).
-    """
-    n = int(arch_kwargs["n_stages"])
-    conv_op = str(arch_kwargs.get("conv_op") or "")
-    dim = 2 if conv_op.endswith("Conv2d") else 3 if conv_op.endswith("Conv3d") else None
-
-    def per_axis(v: Any) -> List[List[int]]:
-        if isinstance(v, (int, np.integer)):
-            v = [v] * n
-        out = []
-        for e in v:
-            if isinstance(e, (int, np.integer)):
-                out.append([int(e)] * (dim or 3))
-            else:
-                out.append([int(x) for x in e])
-        return out
-
-    kernels = per_axis(arch_kwargs["kernel_sizes"])
-    if dim is None:
-        dim = len(kernels[0])
-    blocks_key = "n_blocks_per_stage" if "n_blocks_per_stage" in arch_kwargs else "n_conv_per_stage"
-    short = short_class_name(class_name)
-    return {
-        "network": (ARCH_PRESETS[short][0] if short in ARCH_PRESETS else short) or None,
-        "conv_dim": dim,
-        "n_stages": n,
-        "features_per_stage": expand_int_list(arch_kwargs["features_per_stage"], n),
-        "kernel_sizes": kernels,
-        "strides": per_axis(arch_kwargs["strides"]),
-        "blocks_per_stage": expand_int_list(arch_kwargs.get(blocks_key, 1), n),
-    }

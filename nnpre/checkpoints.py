@@ -10,7 +10,8 @@ allowed, so object arrays (which could smuggle arbitrary objects) are refused. A
 example a pickle whose ``__reduce__`` calls ``os.system``, is refused with an :class:`NnPreError`
 naming the file; there is no fallback to ``weights_only=False``.
 
-:func:`read_pretrained` recognises three sources (pretraining.md §2, §3.2):
+:func:`read_pretrained` recognises three sources (nnssl ``AbstractBaseTrainer.save_checkpoint``,
+nnU-Net ``nnUNetTrainer.save_checkpoint``):
 
 - ``nnpre``: nnU-Net trainer keys plus ``nnssl_adaptation_plan`` with an ``nnpre`` record,
 - ``nnssl``: ``network_weights`` plus ``nnssl_adaptation_plan``; or ``network_weights`` alone (raw

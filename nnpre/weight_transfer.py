@@ -1,7 +1,8 @@
 """Load a pretrained encoder (and stem) into a freshly built nnU-Net network.
 
 Only the encoder and the stem are transferred; the decoder and the segmentation layers keep their
-random (He) initialisation, as in nnssl / nnU-Net's ``PretrainedTrainer`` (pretraining.md §2.3).
+random (He) initialisation, as in nnssl / nnU-Net's ``PretrainedTrainer``
+(``nnunetv2/training/nnUNetTrainer/pretraining/pretrainedTrainer.py`` on nnU-Net master).
 
 The weights are loaded through submodules, never by guessing prefixes: the checkpoint keys under
 ``plan.key_to_encoder`` / ``plan.key_to_stem`` are loaded strictly into
@@ -43,16 +44,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from nnpre.adaptation_plan import (
-    DEFAULT_KEYS,
-    ordered_channel_names,
+from nnpre.adaptation_plan import ordered_channel_names
+from nnpre.architecture import (  # noqa: F401 - unwrap / network_* re-exported for older imports
+    key_layout,
+    network_arch_kwargs,
+    network_family,
     stage_description,
+    unwrap,
 )
 from nnpre.atomic import write_json
 from nnpre.checkpoints import PretrainedCheckpoint, read_pretrained
 from nnpre.errors import fail
 
-#: Topology fields compared by the compatibility gate (see :func:`nnpre.adaptation_plan.stage_description`).
+#: Topology fields compared by the compatibility gate (see :func:`nnpre.architecture.stage_description`).
 COMPARED_FIELDS = ("network", "conv_dim", "n_stages", "features_per_stage", "kernel_sizes", "strides",
                    "blocks_per_stage")
 DECODER_ENCODER_PREFIX = "decoder.encoder."
@@ -109,62 +113,6 @@ class TransferReport:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def unwrap(network: nn.Module) -> nn.Module:
-    """Strip DistributedDataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    changed = True
-    while changed:
-        changed = False
-        if isinstance(network, nn.parallel.DistributedDataParallel):
-            network, changed = network.module, True
-        if hasattr(network, "_orig_mod") and isinstance(network._orig_mod, nn.Module):
-            network, changed = network._orig_mod, True
-    return network
-
-
-def network_family(network: nn.Module) -> str:
-    """'ResidualEncoderUNet' / 'PlainConvUNet' for those classes and their subclasses, else the class name."""
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
-
-    net = unwrap(network)
-    fam = getattr(net, "encoder_family", None)  # e.g. the Retina U-Net declares the family of its encoder
-    if isinstance(fam, str):
-        return fam
-    for cls in (ResidualEncoderUNet, PlainConvUNet):
-        if isinstance(net, cls):
-            return cls.__name__
-    return type(net).__name__
-
-
-def network_arch_kwargs(network: nn.Module) -> Optional[Dict[str, Any]]:
-    """Encoder topology of a built dynamic U-Net in ``arch_kwargs`` form, or None if it is not one.
-
-    Read from the encoder's attributes (``output_channels``, ``kernel_sizes``, ``strides``,
-    ``conv_op``) and the number of blocks / convs in each stage.
-    """
-    enc = getattr(unwrap(network), "encoder", None)
-    if enc is None or not isinstance(getattr(enc, "stages", None), nn.Sequential):
-        return None
-    blocks = []
-    for stage in enc.stages:
-        core = list(stage)[-1] if isinstance(stage, nn.Sequential) else stage  # a pool op may come first
-        if hasattr(core, "blocks"):
-            blocks.append(len(core.blocks))
-        elif hasattr(core, "convs"):
-            blocks.append(len(core.convs))
-        else:
-            return None
-    blocks_key = "n_blocks_per_stage" if hasattr(enc, "stem") else "n_conv_per_stage"
-    conv_op = getattr(enc, "conv_op", None)
-    return {
-        "n_stages": len(enc.stages),
-        "features_per_stage": [int(f) for f in enc.output_channels],
-        "kernel_sizes": enc.kernel_sizes,
-        "strides": enc.strides,
-        blocks_key: blocks,
-        "conv_op": f"{conv_op.__module__}.{conv_op.__name__}" if conv_op is not None else None,
-    }
-
-
 def check_compatibility(checkpoint_arch_kwargs: Dict[str, Any], target_arch_kwargs: Dict[str, Any],
                         checkpoint_class: Optional[str] = None, target_class: Optional[str] = None) -> List[str]:
     """Differences between two encoder topologies; empty when the encoder weights fit.
@@ -266,8 +214,8 @@ def drop_pretext_input_channels(ck: PretrainedCheckpoint) -> Tuple[PretrainedChe
 
 
 def _target_keys(net: nn.Module, plan_class: str) -> Dict[str, Any]:
-    defaults = DEFAULT_KEYS.get(network_family(net)) or DEFAULT_KEYS.get(plan_class) or DEFAULT_KEYS[
-        "ResidualEncoderUNet"]
+    fam = network_family(net)
+    defaults = key_layout(fam if fam in ("ResidualEncoderUNet", "PlainConvUNet") else plan_class)
     keys = {k: getattr(net, k, None) or defaults[k] for k in ("key_to_encoder", "key_to_stem", "keys_to_in_proj")}
     keys["keys_to_in_proj"] = list(keys["keys_to_in_proj"])
     return keys

@@ -32,6 +32,7 @@ from dynamic_network_architectures.building_blocks.residual_encoders import Resi
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 from torch import nn
 
+from nnpre.architecture import KEY_LAYOUTS, KWARGS_REQUIRING_IMPORT, encoder_family, key_layout
 from nnpre.errors import fail
 from nnpre_detection.anchors import AnchorGenerator, AnchorPlan, default_anchor_plan, relative_level_factors
 from nnpre_detection.atss import ATSSMatcher
@@ -44,7 +45,7 @@ from nnpre_detection.nms import batched_nms
 from nnpre_detection.sampler import HardNegativeSampler
 
 #: nnU-Net's ``_kw_requires_import`` for the U-Net classes (strings resolved with ``pydoc.locate``).
-DEFAULT_REQ_IMPORT = ("conv_op", "norm_op", "dropout_op", "nonlin")
+DEFAULT_REQ_IMPORT = tuple(KWARGS_REQUIRING_IMPORT)
 
 #: Architecture class names (last dotted component) -> encoder class.
 ENCODERS = {
@@ -143,27 +144,21 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
 
     #: Parameter-name prefixes of the task heads (trained with the decoder during a decoder-only warm-up).
     head_prefixes = ("classifier.", "regressor.", "segmenter.")
-    # ResidualEncoder layout by default; PlainConvEncoder instances override these in __init__.
-    key_to_encoder = "encoder.stages"
-    key_to_stem = "encoder.stem"
-    keys_to_in_proj = ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0")
+    # ResidualEncoder layout by default; __init__ sets the layout of the injected encoder's U-Net family.
+    key_to_encoder = KEY_LAYOUTS["ResidualEncoderUNet"]["key_to_encoder"]
+    key_to_stem = KEY_LAYOUTS["ResidualEncoderUNet"]["key_to_stem"]
+    keys_to_in_proj = tuple(KEY_LAYOUTS["ResidualEncoderUNet"]["keys_to_in_proj"])
 
     def __init__(self, encoder: nn.Module, decoder: UFPNDecoder, classifier: ClassificationHead,
                  regressor: RegressionHead, segmenter: SegmentationHead, anchor_generator: AnchorGenerator,
                  matcher: ATSSMatcher, sampler: HardNegativeSampler, coder: BoxCoder,
                  decoder_levels: Sequence[int], num_classes: int, config: RetinaUNetConfig = RetinaUNetConfig()):
         super().__init__()
-        if getattr(encoder, "stem", None) is not None:
-            self.encoder_family = "ResidualEncoderUNet"
-            self.key_to_encoder = "encoder.stages"
-            self.key_to_stem = "encoder.stem"
-            self.keys_to_in_proj = ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0")
-        else:  # PlainConvEncoder: the stem is the first stage (as PlainConvUNet)
-            self.encoder_family = "PlainConvUNet"
-            self.key_to_encoder = "encoder.stages"
-            self.key_to_stem = "encoder.stages.0"
-            self.keys_to_in_proj = ("encoder.stages.0.0.convs.0.all_modules.0", "encoder.stages.0.0.convs.0.conv")
-        self.key_to_lpe = None
+        self.encoder_family = encoder_family(encoder)  # PlainConvEncoder: the stem is the first stage
+        layout = key_layout(self.encoder_family)
+        self.key_to_encoder, self.key_to_stem = layout["key_to_encoder"], layout["key_to_stem"]
+        self.keys_to_in_proj = tuple(layout["keys_to_in_proj"])
+        self.key_to_lpe = layout["key_to_lpe"]
         self.encoder = encoder
         self.decoder = decoder
         self.classifier = classifier

@@ -166,7 +166,8 @@ def test_nnssl_serialised_plan_with_preset_and_without_new_keys_gets_defaults():
 def test_unnamed_flat_pretrain_configuration_is_read():
     d = resenc_l_default().to_dict()
     d["pretrain_plan"]["configurations"] = {"spacing_style": "onemmiso", "spacing": [1.5, 1.5, 1.5],
-                                            "patch_size": [96, 96, 96], "normalization_schemes": ["ZScoreNormalization"]}
+                                            "patch_size": [96, 96, 96],
+                                            "normalization_schemes": ["ZScoreNormalization"]}
     p = AdaptationPlan.from_dict(d)
     assert p.pretrain_configuration_name == "onemmiso"
     assert p.spacing == [1.5, 1.5, 1.5] and p.patch_size == [96, 96, 96]
@@ -184,7 +185,8 @@ def test_plain_conv_plan_uses_the_stage0_stem_keys():
     p = from_nnunet_plans(plans, "3d_fullres", 1)
     assert p.network_class_name == "PlainConvUNet"
     assert (p.key_to_encoder, p.key_to_stem) == ("encoder.stages", "encoder.stages.0")
-    assert p.keys_to_in_proj[0] == "encoder.stages.0.0.convs.0.conv"
+    # the order dynamic-network-architectures' PlainConvUNet declares (both names alias one tensor)
+    assert p.keys_to_in_proj == ["encoder.stages.0.0.convs.0.all_modules.0", "encoder.stages.0.0.convs.0.conv"]
     assert stage_description(p.arch_kwargs, "PlainConvUNet")["blocks_per_stage"] == [2, 2, 2, 2]
 
 

@@ -23,7 +23,8 @@ def _tower(in_channels: int, head_channels: int, num_convs: int, group_channels:
     layers: List[nn.Module] = []
     c = in_channels
     for _ in range(num_convs):
-        layers += [nn.Conv3d(c, head_channels, 3, padding=1), nn.GroupNorm(groups, head_channels), nn.ReLU(inplace=True)]
+        layers += [nn.Conv3d(c, head_channels, 3, padding=1), nn.GroupNorm(groups, head_channels),
+                   nn.ReLU(inplace=True)]
         c = head_channels
     return nn.Sequential(*layers)
 

@@ -6,9 +6,12 @@ Pipeline per case (nnDetection's, with nnU-Net preprocessing):
    resample to the plans spacing, normalise; array axes stay those of ``SimpleITK.GetArrayFromImage``
    (nnpre plans never transpose);
 2. :func:`predict_case`: tiles of ``patch_size`` with ``overlap`` (nnU-Net's tile steps; images smaller than a
-   patch are zero-padded at the end), per tile and per mirror variant ``RetinaUNet.predict_patch``, boxes
-   flipped back (:func:`flip_boxes`) and shifted to the case, merged with weighted box clustering
-   (``n_exp_preds`` = number of mirror variants, IoU 0.5 as nnDetection's ensembler);
+   patch are zero-padded at the end); per tile, model and mirror variant ``RetinaUNet.predict_patch``, boxes
+   flipped back (:func:`flip_boxes`), weighted by their position in the tile and shifted to the case: one
+   prediction set per (model, mirror variant); then nnDetection's ensembler (:mod:`nnpre_detection.ensemble`):
+   per set top 1000 -> class-wise NMS at IoU 0.1 -> top 100, and weighted box clustering across the sets
+   with ``n_exp_preds`` = their number; parameters from the model folder's ``inference_plan.json`` (written
+   by :mod:`nnpre_detection.postprocess_sweep`) or nnDetection's defaults;
 3. :func:`to_original_index` undoes resampling and cropping; :func:`boxes_to_world` maps corners with
    ``TransformContinuousIndexToPhysicalPoint`` (array axes (0, 1, 2) = SimpleITK index (2, 1, 0)).
 
@@ -27,9 +30,10 @@ import torch
 
 from nnpre.errors import fail
 from nnpre_detection.boxes import HI_3D, LO_3D, box_iou, clip_boxes
+from nnpre_detection.ensemble import InferencePlan, PredictionSet, ensemble_case
 from nnpre_detection.wbc import weighted_box_clustering
 
-#: WBC IoU threshold for merging tiles / TTA variants (nnDetection ensembler: 0.5).
+#: WBC IoU threshold of nnDetection's ensembler (0.5); used by :func:`merge_detections`.
 WBC_IOU = 0.5
 #: nnU-Net's input naming: ``<case>_<4-digit channel><ending>``.
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})(?P<ending>\.nii\.gz|\.nii|\.mha|\.nrrd)$")
@@ -59,55 +63,89 @@ def _starts(size: int, tile: int, overlap: float) -> List[int]:
     return compute_steps_for_sliding_window((size,), (tile,), 1.0 - overlap)[0]
 
 
+def mirror_variants(mirror: bool, mirror_axes: Sequence[int] = (0, 1, 2)) -> List[tuple]:
+    """Test-time mirror variants: every subset of ``mirror_axes`` (8 for 3 axes, nnDetection's 3D TTA), the
+    identity first; ``[()]`` without mirroring."""
+    if not mirror:
+        return [()]
+    return [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
+
+
 @torch.no_grad()
-def predict_case(model, image: torch.Tensor, patch_size: Sequence[int], overlap: float = 0.5, mirror: bool = True,
-                 mirror_axes: Sequence[int] = (0, 1, 2)) -> Dict[str, torch.Tensor]:
-    """Detections of one preprocessed case.
+def predict_case_sets(models, image: torch.Tensor, patch_size: Sequence[int], overlap: float = 0.5,
+                      mirror: bool = True, mirror_axes: Sequence[int] = (0, 1, 2),
+                      model_weights: Optional[Sequence[float]] = None) -> List[PredictionSet]:
+    """Raw prediction sets of one preprocessed case, one per (model, mirror variant) pair (nnDetection's
+    ``Predictor.predict_tiles`` + ``BoxEnsemblerSelective.process_batch``).
+
+    Every tile runs through ``RetinaUNet.predict_patch`` (per patch: top 10000, NMS 0.6, top 100); boxes are
+    flipped back, weighted by their position in the tile (:func:`~nnpre_detection.ensemble.tile_position_weight`
+    x the model weight) and shifted to the case.
 
     Args:
-        model: :class:`~nnpre_detection.retina_unet.RetinaUNet` (put in eval mode here).
-        image: (C, X, Y, Z) float preprocessed image (any device; tiles run on the model's device).
-        patch_size: (3,) tile size (the plans' patch size).
-        overlap: tile overlap fraction in [0, 1) (nnU-Net default 0.5).
-        mirror: test-time mirroring over every subset of ``mirror_axes`` (8 variants for 3 axes).
+        models: one :class:`~nnpre_detection.retina_unet.RetinaUNet` or a sequence (e.g. fold models), put in
+            eval mode here. image: (C, X, Y, Z) float preprocessed image (any device).
+        patch_size: (3,) tile size (the plans' patch size). overlap: tile overlap fraction in [0, 1) (0.5).
+        mirror: test-time mirroring over every subset of ``mirror_axes``.
+        model_weights: per-model weights (default 1 each).
 
     Returns:
-        ``{"boxes": (K, 6) float32 in case voxel coordinates, "scores": (K,), "labels": (K,) long}`` on CPU.
+        ``len(models) * len(variants)`` :class:`~nnpre_detection.ensemble.PredictionSet` in case voxel
+        coordinates (model-major order), on CPU.
     """
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
     if image.ndim != 4:
         fail(f"predict_case expects a (C, X, Y, Z) image, got shape {tuple(image.shape)}")
     if not 0 <= overlap < 1:
         fail(f"overlap must be in [0, 1), got {overlap}")
-    model.eval()
-    device = next(model.parameters()).device
+    weights = [1.0] * len(models) if model_weights is None else [float(w) for w in model_weights]
+    if len(weights) != len(models):
+        fail(f"got {len(weights)} model weights for {len(models)} models")
     shape = tuple(int(s) for s in image.shape[1:])
     ps = tuple(int(p) for p in patch_size)
     padded = tuple(max(s, p) for s, p in zip(shape, ps))
     img = image.float()
     if padded != shape:
         img = torch.nn.functional.pad(img, [v for s, p in zip(reversed(shape), reversed(padded)) for v in (0, p - s)])
-    variants = [()]
-    if mirror:
-        variants = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
-    boxes, scores, labels = [], [], []
+    variants = mirror_variants(mirror, mirror_axes)
+    tiles: List[List[dict]] = [[] for _ in range(len(models) * len(variants))]
+    for m in models:
+        m.eval()
     for start in itertools.product(*[_starts(s, p, overlap) for s, p in zip(padded, ps)]):
-        tile = img[:, start[0]:start[0] + ps[0], start[1]:start[1] + ps[1], start[2]:start[2] + ps[2]]
-        tile = tile.to(device)[None]
-        offset = torch.tensor([start[0], start[1], start[0], start[1], start[2], start[2]], dtype=torch.float32)
-        for axes in variants:
-            x = torch.flip(tile, [a + 2 for a in axes]) if axes else tile
-            det = model.predict_patch(x)[0]
-            b = det["boxes"].float().cpu()
-            if axes:
-                b = flip_boxes(b, axes, ps)
-            boxes.append(b + offset)
-            scores.append(det["scores"].float().cpu())
-            labels.append(det["labels"].long().cpu())
-    b, s, lab = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-    if b.shape[0]:
-        b = clip_boxes(b, shape)
-        b, s, lab = merge_detections(b, s, lab, n_exp_preds=float(len(variants)), iou_threshold=WBC_IOU)
-    return {"boxes": b.reshape(-1, 6), "scores": s.reshape(-1), "labels": lab.reshape(-1)}
+        tile = img[:, start[0]:start[0] + ps[0], start[1]:start[1] + ps[1], start[2]:start[2] + ps[2]][None]
+        for mi, model in enumerate(models):
+            x0 = tile.to(next(model.parameters()).device)
+            for vi, axes in enumerate(variants):
+                x = torch.flip(x0, [a + 2 for a in axes]) if axes else x0
+                det = model.predict_patch(x)[0]
+                b = det["boxes"].float().cpu()
+                if axes:
+                    b = flip_boxes(b, axes, ps)
+                tiles[mi * len(variants) + vi].append({"boxes": b, "scores": det["scores"].float().cpu(),
+                                                       "labels": det["labels"].long().cpu(), "origin": start})
+    return [PredictionSet.from_tiles(t, ps, weights[i // len(variants)]) for i, t in enumerate(tiles)]
+
+
+@torch.no_grad()
+def predict_case(model, image: torch.Tensor, patch_size: Sequence[int], overlap: float = 0.5, mirror: bool = True,
+                 mirror_axes: Sequence[int] = (0, 1, 2), plan: Optional[InferencePlan] = None,
+                 model_weights: Optional[Sequence[float]] = None) -> Dict[str, torch.Tensor]:
+    """Detections of one preprocessed case (nnDetection's whole-case pipeline, :mod:`nnpre_detection.ensemble`).
+
+    :func:`predict_case_sets` per (model, mirror variant), then per set top-k / NMS / top-N and WBC across
+    sets with ``n_exp_preds`` = the number of sets (:func:`~nnpre_detection.ensemble.ensemble_case`).
+
+    Args:
+        model: a :class:`~nnpre_detection.retina_unet.RetinaUNet` or a sequence of them (fold ensemble).
+        image: (C, X, Y, Z) float preprocessed image. patch_size: (3,) tile size. overlap: in [0, 1).
+        mirror: 8 mirror variants (3 axes) instead of 1. plan: post-processing parameters (default
+            nnDetection's). model_weights: per-model weights.
+
+    Returns:
+        ``{"boxes": (K, 6) float32 in case voxel coordinates, "scores": (K,), "labels": (K,) long}`` on CPU.
+    """
+    sets = predict_case_sets(model, image, patch_size, overlap, mirror, mirror_axes, model_weights)
+    return ensemble_case(sets, tuple(int(s) for s in image.shape[1:]), plan or InferencePlan())
 
 
 def isolated_boxes(boxes: torch.Tensor, labels: torch.Tensor, iou_threshold: float, chunk: int = 256) -> torch.Tensor:
@@ -299,11 +337,96 @@ def check_finite(files: Sequence[str]):
     return ref
 
 
+def fold_model_dirs(model_dir: str, folds: Optional[Sequence] = None) -> List[str]:
+    """Model folders to ensemble: ``model_dir`` itself, or ``model_dir/fold_<f>`` for each of ``folds``.
+
+    Args:
+        model_dir: a fold folder (``folds=None``) or the trainer folder holding ``fold_*`` subfolders.
+        folds: fold names (``0``, ``1``, ..., or ``all``) as ``nnPre_predict -f 0 1 2 3 4``.
+    """
+    if not folds:
+        return [model_dir]
+    if not os.path.isdir(model_dir):
+        fail(f"model folder {model_dir} does not exist")
+    dirs = []
+    for f in folds:
+        d = os.path.join(model_dir, f"fold_{f}")
+        if not os.path.isdir(d):
+            have = sorted(x for x in os.listdir(model_dir) if x.startswith("fold_"))
+            fail(f"{model_dir} has no fold_{f} folder (found {have}); with -f pass the trainer folder that holds "
+                 f"the fold_* folders")
+        dirs.append(d)
+    if len(set(dirs)) != len(dirs):
+        fail(f"folds {list(folds)} name a fold twice; list each fold once")
+    return dirs
+
+
+def load_fold_detectors(model_dirs: Sequence[str], checkpoint: str = "checkpoint_final.pth",
+                        device: torch.device = torch.device("cpu")):
+    """Load one detector per folder; all must share plans configuration, patch size, channels and classes.
+
+    Returns:
+        (list of models in eval mode, the first checkpoint's ``nnpre_detection`` dict).
+    """
+    models, infos = [], []
+    for d in model_dirs:
+        m, info = load_detector(find_checkpoint(d, checkpoint), device)
+        models.append(m)
+        infos.append(info)
+    ref = infos[0]
+    for d, info in zip(model_dirs[1:], infos[1:]):
+        for key in ("configuration", "num_input_channels", "num_classes"):
+            if info[key] != ref[key]:
+                fail(f"{d}: {key} {info[key]!r} differs from {model_dirs[0]} ({ref[key]!r}); ensemble only folds "
+                     f"of one training setup")
+        pa = info["plans"]["configurations"][info["configuration"]].get("patch_size")
+        pb = ref["plans"]["configurations"][ref["configuration"]].get("patch_size")
+        if list(pa) != list(pb):
+            fail(f"{d}: patch size {pa} differs from {model_dirs[0]} ({pb}); ensemble only folds of one plans file")
+    return models, ref
+
+
+def resolve_inference_plan(model_dirs: Sequence[str], trainer_dir: Optional[str] = None):
+    """The post-processing parameters for these models and where they came from.
+
+    One model: its folder's ``inference_plan.json`` (the sweep at the end of ``nnPre_train detect``). Several
+    (fold ensemble): the trainer folder's consolidated plan; if missing and every fold cached its sweep
+    predictions, the sweep is rerun on the pooled validation predictions of all folds (as nnDetection's
+    ``nndet_consolidate --sweep_boxes``) and saved there. Otherwise nnDetection's defaults.
+
+    Returns:
+        (:class:`~nnpre_detection.ensemble.InferencePlan`, description of the source).
+    """
+    from nnpre_detection.ensemble import load_inference_plan
+
+    if len(model_dirs) == 1:
+        plan = load_inference_plan(model_dirs[0])
+        if plan is not None:
+            return plan, os.path.join(model_dirs[0], "inference_plan.json")
+        return InferencePlan(), "nnDetection defaults (no inference_plan.json in the model folder)"
+    if trainer_dir is not None:
+        plan = load_inference_plan(trainer_dir)
+        if plan is not None:
+            return plan, os.path.join(trainer_dir, "inference_plan.json")
+        from nnpre_detection.postprocess_sweep import consolidate_sweep, has_sweep_cache
+
+        if all(has_sweep_cache(d) for d in model_dirs):
+            plan = consolidate_sweep(trainer_dir, model_dirs)
+            return plan, f"sweep over the pooled validation predictions of {len(model_dirs)} folds"
+    return InferencePlan(), "nnDetection defaults (no consolidated inference_plan.json for these folds)"
+
+
 def predict_folder(model_dir: str, in_folder: str, out_folder: str, checkpoint: str = "checkpoint_final.pth",
                    mirror: bool = True, overlap: float = 0.5, device: torch.device = torch.device("cpu"),
                    progress: bool = True, save_instances: bool = False,
-                   instance_min_score: float = 0.5) -> List[str]:
+                   instance_min_score: float = 0.5, folds: Optional[Sequence] = None,
+                   plan: Optional[InferencePlan] = None) -> List[str]:
     """Predict every case of ``in_folder`` and write ``out_folder/<case>.json`` (atomically).
+
+    Args:
+        model_dir: fold folder, or with ``folds`` the trainer folder (fold ensemble: one prediction set per
+            (fold model, mirror variant), merged by WBC as nnDetection does).
+        plan: post-processing parameters; ``None`` = :func:`resolve_inference_plan`.
 
     Returns:
         the written JSON paths. JSON keys: ``case, boxes, scores, labels, boxes_world, spacing, origin,
@@ -316,7 +439,12 @@ def predict_folder(model_dir: str, in_folder: str, out_folder: str, checkpoint: 
 
     from nnpre.atomic import write_json
 
-    model, info = load_detector(find_checkpoint(model_dir, checkpoint), device)
+    model_dirs = fold_model_dirs(model_dir, folds)
+    models, info = load_fold_detectors(model_dirs, checkpoint, device)
+    if plan is None:
+        plan, source = resolve_inference_plan(model_dirs, model_dir if folds else None)
+        if progress:
+            print(f"post-processing parameters: {source}")
     plans_manager = PlansManager(info["plans"])
     cm = plans_manager.get_configuration(info["configuration"])
     dataset_json = info["dataset_json"]
@@ -327,8 +455,8 @@ def predict_folder(model_dir: str, in_folder: str, out_folder: str, checkpoint: 
     for case, files in tqdm(cases.items(), desc="predict", disable=not progress):
         ref = check_finite(files)
         data, _, props = preprocessor.run_case(files, None, plans_manager, cm, dataset_json)
-        det = predict_case(model, torch.from_numpy(np.asarray(data, dtype=np.float32)), cm.patch_size,
-                           overlap=overlap, mirror=mirror)
+        det = predict_case(models, torch.from_numpy(np.asarray(data, dtype=np.float32)), cm.patch_size,
+                           overlap=overlap, mirror=mirror, plan=plan)
         boxes = to_original_index(det["boxes"].numpy(), data.shape[1:], props)
         orig_shape = props["shape_before_cropping"]
         boxes = clip_boxes(torch.from_numpy(boxes), orig_shape).numpy()

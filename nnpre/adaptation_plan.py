@@ -40,7 +40,7 @@ DEFAULT_KEYS = KEY_LAYOUTS
 
 #: nnssl's default pretraining configuration (``onemmiso``: 1 mm isotropic, z-score, one channel,
 #: 160³ patches; nnssl ``experiment_planning`` ``onemmiso`` plans).
-_NNSSL_ONEMMISO = {
+NNSSL_ONEMMISO = {
     "data_identifier": "nnsslPlans_onemmiso",
     "preprocessor_name": "DefaultPreprocessor",
     "spacing_style": "onemmiso",
@@ -255,7 +255,13 @@ class AdaptationPlan:
             arch["arch_kwargs_requiring_import"] = list(KWARGS_REQUIRING_IMPORT)
         keys = key_layout(name)
         extras = d.get(NNPRE_EXTRAS_KEY) or {}
-        rec = d.get("recommended_downstream_patchsize") or (d.get("pretrain_patch_size") or [160, 160, 160])
+        cfgs = (d.get("pretrain_plan") or {}).get("configurations") if isinstance(d.get("pretrain_plan"), dict) else None
+        cfg_patch = None
+        if isinstance(cfgs, dict) and cfgs:
+            first = cfgs if "patch_size" in cfgs else next(iter(cfgs.values()))
+            cfg_patch = first.get("patch_size") if isinstance(first, dict) else None
+        rec = (d.get("recommended_downstream_patchsize") or d.get("pretrain_patch_size") or cfg_patch
+               or [160, 160, 160])
         in_proj = d.get("keys_to_in_proj") or keys["keys_to_in_proj"]
         return cls(
             architecture_plans=plain(arch, "architecture_plans"),
@@ -287,7 +293,8 @@ class AdaptationPlan:
 def resenc_l_default() -> AdaptationPlan:
     """The plan of an nnssl ResEnc-L checkpoint (nnssl ``get_res_enc_l`` and ``AdaptationPlan``).
 
-    Used for checkpoints that carry no ``nnssl_adaptation_plan`` (raw nnssl / OpenMind runs): ResEnc-L
+    Describes nnssl's default checkpoint (tests, references); checkpoints without an adaptation plan are
+    read by :func:`nnpre.checkpoints.read_pretrained`, which infers their architecture instead: ResEnc-L
     kwargs, one input channel, ``onemmiso`` configuration (1 mm, z-score, 160³), downstream patch 160³,
     encoder at ``encoder.stages`` and stem at ``encoder.stem``.
     """
@@ -302,7 +309,7 @@ def resenc_l_default() -> AdaptationPlan:
             "transpose_forward": [0, 1, 2],
             "transpose_backward": [0, 1, 2],
             "experiment_planner_used": "unknown",
-            "configurations": {"onemmiso": copy.deepcopy(_NNSSL_ONEMMISO)},
+            "configurations": {"onemmiso": copy.deepcopy(NNSSL_ONEMMISO)},
         },
         pretrain_num_input_channels=1,
         recommended_downstream_patchsize=[160, 160, 160],

@@ -258,7 +258,11 @@ class InferredArchitecture:
         ks = a["kernel_sizes"]
         kernels = f"{ks[0]}" if all(k == ks[0] for k in ks) else str(ks)
         strides = str(a["strides"]) if self.strides_known else "unknown (no decoder in the state dict)"
-        return (f"inferred from the state dict: {self.family}, {a['n_stages']} stages, features "
+        r = RESENC_L_ARCH_KWARGS
+        same = self.family == "ResidualEncoderUNet" and all(a[k] == r[k] for k in (
+            "features_per_stage", "kernel_sizes", "n_blocks_per_stage"))
+        return (f"inferred from the state dict: {self.family}{' (nnssl ResEnc-L layout)' if same else ''}, "
+                f"{a['n_stages']} stages, features "
                 f"{a['features_per_stage']}, {BLOCKS_KEY[self.family]} {a[BLOCKS_KEY[self.family]]}, kernels "
                 f"{kernels}, strides {strides}, decoder convs {a['n_conv_per_stage_decoder']}, "
                 f"norm {short_class_name(a['norm_op'])}, conv bias {a['conv_bias']}, {self.input_channels} input "

@@ -15,7 +15,8 @@ nnU-Net ``nnUNetTrainer.save_checkpoint``):
 
 - ``nnpre``: nnU-Net trainer keys plus ``nnssl_adaptation_plan`` with an ``nnpre`` record,
 - ``nnssl``: ``network_weights`` plus ``nnssl_adaptation_plan``; or ``network_weights`` alone (raw
-  nnssl / OpenMind checkpoints), in which case the nnssl ResEnc-L defaults are assumed with a warning,
+  nnssl / OpenMind checkpoints), in which case the architecture is inferred from the state dict
+  (:func:`inferred_plan`; one ``note:`` line on stderr says what was inferred),
 - ``nnunet``: a stock ``checkpoint_final.pth``; the architecture comes from ``init_args['plans']``.
 """
 from __future__ import annotations
@@ -30,11 +31,17 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 import torch
 
-from nnpre.adaptation_plan import NNPRE_EXTRAS_KEY, AdaptationPlan, from_nnunet_plans, resenc_l_default
+from nnpre.adaptation_plan import NNPRE_EXTRAS_KEY, NNSSL_ONEMMISO, AdaptationPlan, from_nnunet_plans
+from nnpre.architecture import infer_arch_from_state_dict, key_layout
 from nnpre.atomic import write_with
 from nnpre.errors import fail
 
 ADAPTATION_PLAN_KEY = "nnssl_adaptation_plan"
+#: ``nnpre`` extras flag of a plan whose strides were not known when it was written (inferred from an
+#: encoder-only state dict); readers skip the stride comparison and ``nnPre_plan --like`` asks for ``--strides``.
+STRIDES_UNKNOWN = "strides_unknown"
+#: Patch edge used for plans inferred from a bare state dict (nnssl's 160³ pretraining patch).
+INFERRED_PATCH_EDGE = 160
 #: Prefixes added by DistributedDataParallel and torch.compile; stripped from checkpoint keys.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: numpy dtypes whose dtype classes may appear in a checkpoint (numeric and bool only).
@@ -172,6 +179,34 @@ def _nnunet_plans(ckpt: Mapping[str, Any]) -> tuple[Optional[dict], Optional[str
     return plans, cfg, ds
 
 
+def inferred_plan(sd: Mapping[str, torch.Tensor], path: str = "<memory>"):
+    """(AdaptationPlan, InferredArchitecture) of a bare state dict (no adaptation plan, no nnU-Net init_args).
+
+    The architecture comes from :func:`nnpre.architecture.infer_arch_from_state_dict`; what no tensor stores
+    is nnssl's default ``onemmiso`` configuration (1 mm, z-score) with a 160³ patch, rounded up to a multiple
+    of the total stride per axis. Unknown strides are flagged in the plan's ``nnpre`` extras.
+    """
+    import copy
+
+    inferred = infer_arch_from_state_dict(sd, where=str(path))
+    kw = inferred.arch_kwargs
+    total = np.prod(np.array(kw["strides"]), axis=0)
+    patch = [int(-(-INFERRED_PATCH_EDGE // int(t)) * int(t)) for t in total]
+    cfg = copy.deepcopy(NNSSL_ONEMMISO)
+    cfg["patch_size"] = patch
+    plan = AdaptationPlan(
+        architecture_plans={"arch_class_name": inferred.family, "arch_kwargs": kw,
+                            "arch_kwargs_requiring_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+        pretrain_plan={"dataset_name": "unknown", "plans_name": "inferred", "transpose_forward": [0, 1, 2],
+                       "transpose_backward": [0, 1, 2], "configurations": {"onemmiso": cfg}},
+        pretrain_num_input_channels=inferred.input_channels,
+        recommended_downstream_patchsize=patch,
+        extras={} if inferred.strides_known else {STRIDES_UNKNOWN: True},
+        **key_layout(inferred.family),
+    )
+    return plan, inferred
+
+
 def pretrained_from_dict(ckpt: Mapping[str, Any], path: str = "<memory>") -> PretrainedCheckpoint:
     """Interpret an already loaded checkpoint dict (see :func:`read_pretrained`)."""
     sd = ckpt.get("network_weights")
@@ -190,11 +225,8 @@ def pretrained_from_dict(ckpt: Mapping[str, Any], path: str = "<memory>") -> Pre
     else:
         plans, cfg, ds = _nnunet_plans(ckpt)
         if plans is not None:
-            from nnpre.adaptation_plan import DEFAULT_KEYS, short_class_name
-
-            arch_name = short_class_name(plans["configurations"][cfg].get("architecture", {})
-                                         .get("network_class_name", "ResidualEncoderUNet"))
-            keys = DEFAULT_KEYS.get(arch_name, DEFAULT_KEYS["ResidualEncoderUNet"])
+            arch_name = plans["configurations"][cfg].get("architecture", {}).get("network_class_name")
+            keys = key_layout(arch_name)
             c_in = _stem_channels(sd, keys["keys_to_in_proj"])
             if c_in is None:
                 c_in = len((ds or {}).get("channel_names", {})) or 1
@@ -202,23 +234,19 @@ def pretrained_from_dict(ckpt: Mapping[str, Any], path: str = "<memory>") -> Pre
             fmt = "nnunet"
             meta["plan"] = f"derived from init_args plans '{plans.get('plans_name', '?')}' / {cfg}"
         else:
-            plan = resenc_l_default()
-            c_in = _stem_channels(sd, plan.keys_to_in_proj)
-            if c_in is not None:
-                plan.pretrain_num_input_channels = c_in
+            plan, inferred = inferred_plan(sd, path)
             fmt = "nnssl"
-            meta["plan"] = "defaulted to nnssl ResEnc-L"
-            print(f"warning: {path} carries no {ADAPTATION_PLAN_KEY}; assuming the nnssl ResEnc-L defaults "
-                  f"(6 stages, 32-320 features, 1 mm isotropic, z-score, encoder at 'encoder.stages', stem at "
-                  f"'encoder.stem')", file=sys.stderr)
+            meta["plan"] = "inferred from the state dict"
+            print(f"note: {path} carries no {ADAPTATION_PLAN_KEY}; {inferred.describe()}", file=sys.stderr)
+    meta["strides_known"] = not bool(plan.extras.get(STRIDES_UNKNOWN))
     return PretrainedCheckpoint(state_dict=sd, plan=plan, source_format=fmt, path=str(path), meta=meta)
 
 
 def read_pretrained(path: str | os.PathLike) -> PretrainedCheckpoint:
     """Safely load ``path`` and detect its format (nnpre / nnssl / nnunet).
 
-    A checkpoint without an adaptation plan and without nnU-Net ``init_args`` is taken to be a raw
-    nnssl ResEnc-L checkpoint: the plan falls back to :func:`resenc_l_default` and a warning is printed
+    A checkpoint without an adaptation plan and without nnU-Net ``init_args`` gets a plan inferred from its
+    state dict (:func:`inferred_plan`); one line saying what was inferred is printed
     to stderr (nnssl's own loader would raise ``KeyError`` here).
     """
     path = os.fspath(path)

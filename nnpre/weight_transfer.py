@@ -263,6 +263,8 @@ def transfer_encoder(source: PretrainedCheckpoint | str | os.PathLike, network: 
     if target_kw is not None:
         plan.dotted_network_class  # noqa: B018 - raises a clear error for architectures nnpre cannot load (Primus)
         diffs = check_compatibility(plan.arch_kwargs, target_kw, plan.network_class_name, network_family(net))
+        if ck.meta.get("strides_known") is False:  # encoder-only state dict without a plan: strides not stored
+            diffs = [d for d in diffs if not d.startswith("strides:")]
         if diffs:
             _mismatch_error(ck, diffs)
     else:

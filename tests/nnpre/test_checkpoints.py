@@ -204,14 +204,15 @@ def test_read_nnpre_and_nnssl_formats(tmp_path, capsys):
     assert pc2.source_format == "nnssl" and pc2.plan.pretext is None
     assert pc2.plan.arch_kwargs == plan.arch_kwargs
     assert capsys.readouterr().err == ""
-    # nnssl without plan: ResEnc-L defaults and a printed warning, not a KeyError
+    # nnssl without plan: the architecture is inferred from the state dict (every kwarg), one note line
     f3 = tmp_path / "raw_nnssl.pth"
     torch.save({"network_weights": sd}, f3)
     pc3 = read_pretrained(f3)
-    assert pc3.source_format == "nnssl" and pc3.meta["plan"].startswith("defaulted")
-    assert pc3.plan.arch_kwargs["features_per_stage"] == [32, 64, 128, 256, 320, 320]
-    err = capsys.readouterr().err
-    assert "warning:" in err and "raw_nnssl.pth" in err and "ResEnc-L" in err
+    assert pc3.source_format == "nnssl" and pc3.meta["plan"].startswith("inferred")
+    assert pc3.plan.arch_kwargs == plan.arch_kwargs and pc3.plan.network_class_name == plan.network_class_name
+    assert pc3.meta["strides_known"] and pc3.plan.pretrain_num_input_channels == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("note:") and "raw_nnssl.pth" in err[0] and "3 stages" in err[0]
 
 
 def test_save_checkpoint_atomic_writes_and_never_leaves_partial_files(tmp_path):

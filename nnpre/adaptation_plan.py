@@ -255,7 +255,8 @@ class AdaptationPlan:
             arch["arch_kwargs_requiring_import"] = list(KWARGS_REQUIRING_IMPORT)
         keys = key_layout(name)
         extras = d.get(NNPRE_EXTRAS_KEY) or {}
-        cfgs = (d.get("pretrain_plan") or {}).get("configurations") if isinstance(d.get("pretrain_plan"), dict) else None
+        pp = d.get("pretrain_plan")
+        cfgs = pp.get("configurations") if isinstance(pp, dict) else None
         cfg_patch = None
         if isinstance(cfgs, dict) and cfgs:
             first = cfgs if "patch_size" in cfgs else next(iter(cfgs.values()))

@@ -171,7 +171,8 @@ def test_strip_prefixes():
 def test_read_nnunet_format_with_wrapper_prefixes(tmp_path):
     ck = nnunet_checkpoint()
     ref = ck["network_weights"]
-    ck["network_weights"] = {("module._orig_mod." if i % 2 else "module.") + k: v for i, (k, v) in enumerate(ref.items())}
+    ck["network_weights"] = {("module._orig_mod." if i % 2 else "module.") + k: v
+                             for i, (k, v) in enumerate(ref.items())}
     f = tmp_path / "checkpoint_final.pth"
     torch.save(ck, f)
     pc = read_pretrained(f)

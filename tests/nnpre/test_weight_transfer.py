@@ -190,7 +190,8 @@ def test_pretext_only_input_channels_are_dropped_before_remapping(tmp_path, c_do
     net = plan.build_network(c_down, 2)
     rep = transfer_encoder(f, net)
     image_col = src["encoder.stem.convs.0.conv.weight"][:, :1]
-    assert torch.equal(net.state_dict()["encoder.stem.convs.0.conv.weight"], image_col.repeat(1, c_down, 1, 1, 1) / c_down)
+    assert torch.equal(net.state_dict()["encoder.stem.convs.0.conv.weight"],
+                       image_col.repeat(1, c_down, 1, 1, 1) / c_down)
     assert rep.stem_remapped and any("dropped 1 pretext-only input channel" in n for n in rep.notes)
 
 

@@ -1,12 +1,26 @@
 """Streaming patch sampler for pretraining on preprocessed (blosc2) image-only or labelled datasets.
 
 Each batch: draw ``batch_size`` case ids uniformly (with replacement), open each case lazily
-(nnU-Net's ``nnUNetDatasetBlosc2.load_case`` memory-maps the ``.b2nd`` file), crop a random patch —
-only the chunks under the patch are decompressed — pad with 0 where the case is smaller than the
-patch, mirror randomly, and run the pretext task's ``corrupt`` on the batch. All of this happens in
-the background workers of batchgenerators' ``MultiThreadedAugmenter`` so the training loop only
-runs the network. The index is the list of case ids (a few MB for ~100k cases); nothing else is held
-in memory.
+(nnU-Net's ``nnUNetDatasetBlosc2.load_case`` memory-maps the ``.b2nd`` file), crop a random region —
+only the chunks under it are decompressed — pad with 0 where the case is smaller than the region,
+augment it as the task asks (:meth:`PretextTask.loader_augmentation`), and run the pretext task's
+``corrupt`` on the batch. The region is ``pretext.loader_patch_size(patch_size)`` (the patch itself,
+or e.g. VoCo's larger region that it splits into crops). All of this happens in the background
+workers of batchgenerators' ``MultiThreadedAugmenter`` so the training loop only runs the network.
+The index is the list of case ids (a few MB for ~100k cases); nothing else is held in memory.
+
+Augmentations (per sample, before the corruption):
+
+* ``"mirror"``: flip each axis with p 0.5 (nnpre's default for tasks without a reference augmentation);
+* ``"none"``: nothing (Model Genesis flips inside its own corruption, VoCo augments its crops);
+* ``"nnssl"``: nnssl's MAE augmentation (``BaseMAETrainer.get_training_transforms`` with
+  ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``): the loader crops nnU-Net's enlarged
+  initial patch (``get_patch_size`` for ±30° rotations and scales 0.85-1.25), then batchgeneratorsv2's
+  ``SpatialTransform`` rotates (p 0.2, ±30° about every axis), scales (p 0.2, 0.7-1.4, one factor for all
+  axes), pads with 0 and takes the centre patch, and ``MirrorTransform`` flips axes 0, 1, 2 (p 0.5 each).
+  nnssl uses batchgenerators v1 with cubic interpolation; batchgeneratorsv2 interpolates linearly.
+  batchgeneratorsv2 draws from the global numpy/torch generators, so each call runs with those seeded from
+  the worker's own generator and restored afterwards: batches stay a pure function of the seed.
 
 Randomness: each worker gets its own ``np.random.Generator``/``torch.Generator`` seeded from
 ``(seed, worker id)``; the augmenter returns batches round-robin, so a run is reproducible for a
@@ -14,8 +28,10 @@ fixed seed and worker count.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import multiprocessing
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,7 +51,8 @@ class PretextPatchLoader(DataLoader):
         patch_size: (X, Y, Z) patch in voxels (array order of the preprocessed data).
         pretext: a :class:`nnpre_trainers.pretext.PretextTask`.
         seed: base seed; worker ``i`` uses ``(seed, i)``.
-        mirror: random flips along all three axes (p=0.5 each); nnssl additionally rotates and scales.
+        mirror: False disables all augmentation (validation); True applies the task's
+            ``loader_augmentation()``.
 
     Yields dicts with ``data`` (B, C_in, X, Y, Z) float32, ``target`` (B, C_out, X, Y, Z),
     ``loss_mask`` (B, 1, X, Y, Z) or None, ``extras`` (dict of tensors), ``keys`` (case ids).
@@ -48,12 +65,15 @@ class PretextPatchLoader(DataLoader):
         super().__init__(None, batch_size, 1, None, True, False, True)
         self.dataset = dataset
         self.indices = list(identifiers)
-        self.patch_size = [int(p) for p in patch_size]
+        self.patch_size = [int(p) for p in pretext.loader_patch_size(patch_size)]
         self.pretext = pretext
         self.seed = int(seed)
-        # Coordinate conditioning encodes each voxel's position from the patch bbox; a flipped patch would
-        # contradict it, so tasks with extra (coordinate) input channels are not mirrored.
-        self.mirror = mirror and pretext.num_extra_input_channels() == 0
+        # Coordinate conditioning encodes each voxel's position from the patch bbox; a flipped/rotated patch
+        # would contradict it, so tasks with extra (coordinate) input channels are not augmented.
+        kind = pretext.loader_augmentation() if mirror and pretext.num_extra_input_channels() == 0 else "none"
+        self.augmentation = kind
+        self.crop_size, self._augment = make_augmentation(kind, self.patch_size)
+        self.mirror = kind == "mirror"
         self._rng: Optional[np.random.Generator] = None
         self._gen: Optional[torch.Generator] = None
 
@@ -69,7 +89,7 @@ class PretextPatchLoader(DataLoader):
     def _crop(self, data, rng) -> tuple[np.ndarray, List[List[int]]]:
         shape = data.shape[1:]
         bbox = []
-        for s, p in zip(shape, self.patch_size):
+        for s, p in zip(shape, self.crop_size):
             lo, hi = min(0, s - p), max(0, s - p)  # negative start = centred padding when the case is small
             if s < p:
                 lo = hi = -((p - s) // 2)
@@ -87,10 +107,10 @@ class PretextPatchLoader(DataLoader):
             patch, bbox = self._crop(data, rng)
             if not np.all(np.isfinite(patch)):
                 fail(f"preprocessed case '{k}' contains NaN/inf values; fix the raw image and re-run nnPre_plan")
-            if self.mirror:
-                for ax in range(3):
-                    if rng.random() < 0.5:
-                        patch = np.flip(patch, axis=ax + 1)
+            patch = self._augment(patch, rng)
+            if self.crop_size != self.patch_size:  # report the centre patch the augmentation returned
+                bbox = [[b0 + (c - p) // 2, b0 + (c - p) // 2 + p]
+                        for (b0, _), c, p in zip(bbox, self.crop_size, self.patch_size)]
             patches.append(np.ascontiguousarray(patch))
             bboxes.append(bbox)
             shapes.append(list(data.shape[1:]))
@@ -100,3 +120,73 @@ class PretextPatchLoader(DataLoader):
         sample = self.pretext.corrupt(x, gen, context)
         return {"data": sample.input, "target": sample.target, "loss_mask": sample.loss_mask,
                 "extras": dict(sample.extras or {}), "keys": keys}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# augmentations
+# ----------------------------------------------------------------------------------------------------------
+AUGMENTATIONS = ("mirror", "none", "nnssl")
+#: nnssl ``configure_rotation_dummyDA_mirroring_and_inital_patch_size`` / ``BaseMAETrainer``
+NNSSL_ROTATION = (-30.0 / 360 * 2.0 * math.pi, 30.0 / 360 * 2.0 * math.pi)
+NNSSL_SCALING = (0.7, 1.4)
+NNSSL_P_ROTATION = 0.2
+NNSSL_P_SCALING = 0.2
+NNSSL_INITIAL_SCALE_RANGE = (0.85, 1.25)
+
+
+@contextlib.contextmanager
+def seeded_global_rngs(seed: int):
+    """Run a block with numpy's and torch's *global* generators seeded from ``seed``, restoring both after.
+
+    For third-party transforms (batchgeneratorsv2) that draw from the global generators.
+    """
+    np_state, torch_state = np.random.get_state(), torch.random.get_rng_state()
+    np.random.seed(int(seed) % 2 ** 32)
+    torch.manual_seed(int(seed))
+    try:
+        yield
+    finally:
+        np.random.set_state(np_state)
+        torch.random.set_rng_state(torch_state)
+
+
+def mirror_axes(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Flip each spatial axis of (C, X, Y, Z) ``patch`` with probability 0.5."""
+    for ax in range(3):
+        if rng.random() < 0.5:
+            patch = np.flip(patch, axis=ax + 1)
+    return patch
+
+
+def make_augmentation(kind: str, patch_size: Sequence[int]
+                      ) -> Tuple[List[int], Callable[[np.ndarray, np.random.Generator], np.ndarray]]:
+    """(crop size the loader must cut, augmentation function (C, X, Y, Z) array + rng -> (C, *patch_size)).
+
+    See the module docstring for the kinds.
+    """
+    patch_size = [int(p) for p in patch_size]
+    if kind == "none":
+        return patch_size, lambda patch, rng: patch
+    if kind == "mirror":
+        return patch_size, mirror_axes
+    if kind != "nnssl":
+        fail(f"unknown loader augmentation '{kind}'; choose one of {AUGMENTATIONS}")
+    from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+
+    crop = [int(c) for c in get_patch_size(patch_size, NNSSL_ROTATION, NNSSL_ROTATION, NNSSL_ROTATION,
+                                           NNSSL_INITIAL_SCALE_RANGE)]
+    spatial = SpatialTransform(patch_size, patch_center_dist_from_border=0, random_crop=False, p_elastic_deform=0,
+                               p_rotation=NNSSL_P_ROTATION, rotation=NNSSL_ROTATION, p_rot_per_axis=1,
+                               p_scaling=NNSSL_P_SCALING, scaling=NNSSL_SCALING,
+                               p_synchronize_scaling_across_axes=1, padding_mode_image="zeros")
+    mirror = MirrorTransform(allowed_axes=(0, 1, 2))
+
+    def augment(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        with seeded_global_rngs(int(rng.integers(2 ** 62))), torch.no_grad():
+            out = spatial(image=torch.from_numpy(np.ascontiguousarray(patch)))
+            out = mirror(**out)
+        return out["image"].numpy()
+
+    return crop, augment

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +69,25 @@ class PretextTask(ABC):
     def num_extra_input_channels(self) -> int:
         """Channels the task appends to the image at the network input (default 0)."""
         return 0
+
+    def loader_patch_size(self, patch_size: Sequence[int]) -> List[int]:
+        """(X, Y, Z) region the data loader crops per sample for a plans patch of ``patch_size`` (default: the
+        patch itself; VoCo asks for a larger region that it splits into crops)."""
+        return [int(p) for p in patch_size]
+
+    def network_patch_size(self, patch_size: Sequence[int]) -> List[int]:
+        """(X, Y, Z) patch the network actually sees (default: ``loader_patch_size``; VoCo: its crop size).
+        What the adaptation plan should record as the pretraining patch size (nnssl ``VoCoTrainer`` does)."""
+        return self.loader_patch_size(patch_size)
+
+    def loader_augmentation(self) -> str:
+        """Spatial augmentation the loader applies to each clean patch before :meth:`corrupt`.
+
+        ``"mirror"`` (default): flip each axis with p 0.5; ``"none"``; ``"nnssl"``: nnssl's MAE augmentation
+        (rotation ±30° per axis p 0.2, isotropic scaling 0.7-1.4 p 0.2, then mirroring; see
+        :mod:`nnpre_trainers.pretext_data`). Tasks whose config has an ``augmentation`` field return it.
+        """
+        return str(getattr(self.config, "augmentation", "mirror"))
 
     # -- data ------------------------------------------------------------------------------------------
     @abstractmethod

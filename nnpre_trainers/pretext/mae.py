@@ -28,17 +28,23 @@ class MAEConfig:
         block_size: edge of the cubic mask blocks in voxels. nnssl default 16.
         fill: value of masked input voxels: ``"zero"`` (nnssl: 0, the z-score mean) or ``"noise"``
             (standard normal, the z-score distribution).
+        augmentation: loader augmentation before masking (:mod:`nnpre_trainers.pretext_data`): ``"nnssl"``
+            (rotation ±30°, scaling 0.7-1.4, mirroring: nnssl ``BaseMAETrainer.get_training_transforms``),
+            ``"mirror"`` or ``"none"``.
     """
 
     mask_ratio: float = 0.75
     block_size: int = 16
     fill: str = "zero"
+    augmentation: str = "nnssl"
 
     def __post_init__(self):
         if not 0.0 <= float(self.mask_ratio) <= 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1], got {self.mask_ratio}")
         if int(self.block_size) < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.augmentation not in ("nnssl", "mirror", "none"):
+            raise ValueError(f"augmentation must be 'nnssl', 'mirror' or 'none', got {self.augmentation!r}")
         if self.fill not in FILLS:
             raise ValueError(f"fill must be one of {FILLS}, got {self.fill!r}")
 

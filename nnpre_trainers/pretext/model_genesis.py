@@ -642,6 +642,9 @@ class ModelGenesisTask(PretextTask):
 
     config_class = ModelGenesisConfig
 
+    def loader_augmentation(self) -> str:
+        return "none"  # the official pipeline's only augmentation is its own flip step (inside corrupt)
+
     def corrupt(self, image: Tensor, generator: torch.Generator,
                 context: Optional[dict] = None) -> PretextSample:
         check_image(image, self.name)

@@ -66,18 +66,23 @@ class S3DConfig:
         mask_token: fill masked decoder inputs with learnable tokens + densify norm/projection
             (nnssl ``use_mask_token=True``); False = pass the sparse features unchanged (``…noMaskToken``).
         mask_input: feed the masked image (SparK, default) instead of the unmasked one (nnssl).
+        augmentation: loader augmentation before masking; ``"nnssl"`` (``SparkMAETrainer`` inherits
+            ``BaseMAETrainer``'s rotation/scaling/mirroring), ``"mirror"`` or ``"none"``.
     """
 
     mask_ratio: float = 0.75
     block_size: int = 16
     mask_token: bool = True
     mask_input: bool = True
+    augmentation: str = "nnssl"
 
     def __post_init__(self):
         if not 0.0 <= float(self.mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if int(self.block_size) < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.augmentation not in ("nnssl", "mirror", "none"):
+            raise ValueError(f"augmentation must be 'nnssl', 'mirror' or 'none', got {self.augmentation!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------

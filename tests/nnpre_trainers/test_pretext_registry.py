@@ -46,7 +46,7 @@ def test_registered_tasks_and_default_configs():
     assert {"mae", "model_genesis", "diffusion"} <= set(list_pretexts())
     assert list_pretexts() == sorted(list_pretexts())
     mae = default_config("mae")
-    assert mae == {"mask_ratio": 0.75, "block_size": 16, "fill": "zero"}  # nnssl BaseMAETrainer
+    assert mae == {"mask_ratio": 0.75, "block_size": 16, "fill": "zero", "augmentation": "nnssl"}  # nnssl MAE
     mg = default_config("model_genesis")
     assert (mg["flip_rate"], mg["local_rate"], mg["nonlinear_rate"], mg["paint_rate"], mg["inpaint_rate"],
             mg["num_windows"]) == (0.4, 0.5, 0.9, 0.9, 0.2, 10_000)  # ModelsGenesis pytorch/config.py
@@ -57,13 +57,13 @@ def test_registered_tasks_and_default_configs():
         assert task.name == name and isinstance(task, PretextTask)
         assert dataclasses.asdict(task.config) == default_config(name)
         for v in default_config(name).values():  # plain values: they go into checkpoints and JSON
-            assert isinstance(v, (int, float, str, bool, tuple))
+            assert v is None or isinstance(v, (int, float, str, bool, tuple))
 
 
 def test_overrides_and_errors():
     assert get_pretext("mae", mask_ratio=0.6).config.mask_ratio == 0.6
     assert get_pretext("diffusion", feature_timesteps=[5, 7]).config.feature_timesteps == (5, 7)
-    with pytest.raises(NnPreError, match="known tasks: diffusion, mae, model_genesis, s3d"):
+    with pytest.raises(NnPreError, match="known tasks: diffusion, mae, model_genesis, s3d, voco"):
         get_pretext("simclr")
     with pytest.raises(NnPreError, match="unknown pretext task"):
         default_config("simclr")
@@ -106,17 +106,27 @@ def test_smoke_step_on_tiny_resenc(name):
     x = torch.randn(2, 1, 32, 32, 32)
     ctx = {"patch_bbox": torch.tensor([[[0, 32]] * 3, [[4, 36]] * 3]), "volume_shape": torch.tensor([[40] * 3] * 2)}
     sample = task.corrupt(x, g, ctx)
-    assert sample.input.shape == (2, 1 + task.num_extra_input_channels(), 32, 32, 32)
     pred = task.forward(net, sample)
-    assert pred.shape == sample.target.shape == (2, task.num_output_channels(1), 32, 32, 32)
+    if name == "voco":  # contrastive: (4 base + 4 target crops) per sample -> embeddings, overlap targets
+        assert sample.input.shape == (2 * 20, 1, 8, 8, 32) and sample.target.shape == (2, 4, 16)
+        assert pred.shape == (2, 20, 2048)
+    else:
+        assert sample.input.shape == (2, 1 + task.num_extra_input_channels(), 32, 32, 32)
+        assert pred.shape == sample.target.shape == (2, task.num_output_channels(1), 32, 32, 32)
     loss = task.loss(pred, sample)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert net.encoder.stem.convs[0].conv.weight.grad.abs().sum() > 0
-    assert net.decoder.seg_layers[-1].weight.grad.abs().sum() > 0
+    if name != "voco":
+        assert net.decoder.seg_layers[-1].weight.grad.abs().sum() > 0
     prev = task.preview(sample, pred)
-    assert {"input", "corrupted", "prediction", "target"} <= set(prev)
-    assert all(v.shape == (32, 32, 32) and v.device.type == "cpu" for v in prev.values())
+    if name != "voco":
+        assert {"input", "corrupted", "prediction", "target"} <= set(prev)
+    assert all(v.ndim == 3 and v.device.type == "cpu" for v in prev.values())
+    # the encoder keys are those of the plain network: they load strictly into a fresh one
+    fresh = tiny_resenc(1 + task.num_extra_input_channels(), task.num_output_channels(1))
+    enc = {k[len("encoder."):]: v for k, v in net.state_dict().items() if k.startswith("encoder.")}
+    fresh.encoder.load_state_dict(enc, strict=True)
 
 
 # -- every task: the loss goes down on data made here -------------------------------------------------------

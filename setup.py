@@ -40,6 +40,7 @@ setup(
             "nnPre_evaluate=nnpre.cli.evaluate:main",
             "nnPre_export=nnpre.cli.export:main",
             "nnPre_demo=nnpre.cli.demo:main",
+            "nnPre_challenge=nnpre.cli.challenge:main",
         ]
     },
 )

@@ -2,9 +2,11 @@
 
 Usage::
 
-    python examples/predict_challenge.py -m RESULTS/Dataset016_Luna/nnPreDetectionTrainer__nnPreResEncLPlans__3d_fullres__scratch/fold_0 \\
+    python examples/predict_challenge.py \\
+        -m RESULTS/Dataset016_Luna/nnPreDetectionTrainer__nnPreResEncLPlans__3d_fullres__scratch/fold_0 \\
         -i /data/luna16/test_scans -o luna_predictions
-    python examples/predict_challenge.py -m MODEL_FOLD -i scans -o preds --csv submission.csv --min-score 0.1 --no-mirror
+    python examples/predict_challenge.py -m MODEL_FOLD -i scans -o preds --csv submission.csv --min-score 0.1 \\
+        --no-mirror
 
 ``-m`` is the fold folder of a ``nnPre_train detect`` run (or of ``examples/detection_nndet_format.py``).
 ``-i`` holds the test images either named like nnU-Net (``case_0000.nii.gz``, ``case_0001.nii.gz`` for a second

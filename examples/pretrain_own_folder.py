@@ -2,7 +2,7 @@
 
 Usage::
 
-    python examples/pretrain_own_folder.py -i /data/my_ct_scans -d 800 --root /data/nnunet            # MAE, GPU defaults
+    python examples/pretrain_own_folder.py -i /data/my_ct_scans -d 800 --root /data/nnunet  # MAE, GPU
     python examples/pretrain_own_folder.py -i /data/my_ct_scans -d 800 -t mg --export mg_encoder.pth
     python examples/pretrain_own_folder.py -i /data/mri -d 801 --channel-suffixes _t1,_t2 --channel-names T1,T2
     python examples/pretrain_own_folder.py -i scans -d 800 --preset cpu-tiny --epochs 1 --iterations 2   # smoke test

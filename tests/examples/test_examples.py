@@ -184,6 +184,37 @@ def test_detection_nndet_format_then_predict_challenge(nnunet_root, tmp_path, ca
     n = challenge.write_submission(files, csv2, min_score=cut)
     assert n == sum(s >= cut for s in all_scores) and len(open(csv2).read().strip().splitlines()) == n + 1
 
+    # the Grand Challenge container entry point on a job folder laid out as the platform mounts it
+    from nnpre.cli import challenge as gc_cli
+
+    uid = next(iter(uids))
+    job, job_out = tmp_path / "job", tmp_path / "job_out"
+    (job / "images" / "ct").mkdir(parents=True)
+    shutil.copy(scans / f"{uid}.mha", job / "images" / "ct" / "a1b2c3.mha")
+    assert gc_cli.main(["-m", model, "--input", str(job), "--output", str(job_out), "--no-mirror",
+                        "--device", "cpu", "--segmentation-slug", "lesion-instances"]) == 0
+    gc = json.load(open(job_out / "lesion-bounding-boxes.json"))
+    assert gc["type"] == "Multiple 3D bounding boxes" and gc["version"] == {"major": 1, "minor": 0}
+    assert len(gc["boxes"]) == len(preds[uid]["scores"]) > 0
+    probs = [b["probability"] for b in gc["boxes"]]
+    assert probs == sorted(probs, reverse=True)
+    order = np.argsort(-np.asarray(preds[uid]["scores"]), kind="stable")
+    world = np.asarray(preds[uid]["boxes_world"]).reshape(-1, 6)[order]
+    corners = np.asarray([b["corners"] for b in gc["boxes"]])  # (N, 8, 3) mm
+    assert corners.shape == (len(probs), 8, 3)
+    assert np.allclose(corners.min(1), world[:, :3], atol=1e-3) and np.allclose(corners.max(1), world[:, 3:], atol=1e-3)
+    seg = sitk.ReadImage(str(job_out / "images" / "lesion-instances" / "output.mha"))
+    ref = uids[uid]
+    assert seg.GetSize() == ref.GetSize() and np.allclose(seg.GetOrigin(), ref.GetOrigin())
+    assert sorted(os.listdir(job_out)) == ["images", "lesion-bounding-boxes.json"]  # no staging left behind
+    _expect_error(gc_cli.main, ["-m", model, "--input", str(tmp_path / "nojob"), "--output", str(job_out)], capsys,
+                  "nojob does not exist")
+    (job / "images" / "pet").mkdir()
+    _expect_error(gc_cli.main, ["-m", model, "--input", str(job), "--output", str(job_out), "--device", "cpu"],
+                  capsys, "expected exactly one image for input 'pet'")
+    _expect_error(gc_cli.main, ["-m", model, "--input", str(job), "--output", str(job_out), "--device", "cpu",
+                                "--channels", "ct,ct"], capsys, "expects 1 input channel(s)")
+
     # bad input: one error line naming the file
     _expect_error(challenge.main, ["-m", str(tmp_path / "nomodel"), "-i", str(scans), "-o", pred], capsys,
                   "nomodel does not exist")

@@ -6,10 +6,12 @@ Usage::
     python examples/pretrain_own_folder.py -i /data/my_ct_scans -d 800 -t mg --export mg_encoder.pth
     python examples/pretrain_own_folder.py -i /data/mri -d 801 --channel-suffixes _t1,_t2 --channel-names T1,T2
     python examples/pretrain_own_folder.py -i scans -d 800 --preset cpu-tiny --epochs 1 --iterations 2   # smoke test
+    python examples/pretrain_own_folder.py -i $nnssl_raw/Dataset745_X/pretrain_data.json -d 802 --modalities T1w
 
 The input folder holds one image per case (``*.nii.gz``, ``*.nii``, ``*.mha``, ``*.mhd``, ``*.nrrd``; one format
 per folder), or one image per case and channel with ``--channel-suffixes`` (``case_t1.nii.gz``,
-``case_t2.nii.gz``). The steps, each a public nnpre function:
+``case_t2.nii.gz``), or ``-i`` names an nnssl ``pretrain_data.json`` (one case per listed image,
+``nnpre.import_nnssl.import_nnssl_collection``). The steps, each a public nnpre function:
 
 1. ``nnpre.import_folder.import_image_folder``: the image-only raw dataset ``nnUNet_raw/DatasetXXX_Name``
    (symlinks to your files unless ``--copy``);
@@ -35,7 +37,10 @@ def _list(s: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--input", required=True, help="folder with one image per case")
+    p.add_argument("-i", "--input", required=True,
+                   help="folder with one image per case, or an nnssl pretrain_data.json")
+    p.add_argument("--modalities", type=_list, default=None,
+                   help="pretrain_data.json only: keep these modalities (e.g. T1w,FLAIR; default all)")
     p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id to create (1-999)")
     p.add_argument("--name", default=None, help="dataset name (default: the input folder's name)")
     p.add_argument("--channel-names", type=_list, default=["CT"],
@@ -68,9 +73,15 @@ def run(args: argparse.Namespace) -> int:
     from planners.pipeline import plan_dataset
 
     env = require_env("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-    folder = import_image_folder(args.input, env["nnUNet_raw"], args.dataset_id, name=args.name,
-                                 channel_name=args.channel_names, channel_suffixes=args.channel_suffixes,
-                                 link=not args.copy)
+    if args.input.endswith(".json"):  # an nnssl pretrain_data.json collection
+        from nnpre.import_nnssl import import_nnssl_collection
+
+        folder = import_nnssl_collection(args.input, env["nnUNet_raw"], args.dataset_id, name=args.name,
+                                         modalities=args.modalities, link=not args.copy)
+    else:
+        folder = import_image_folder(args.input, env["nnUNet_raw"], args.dataset_id, name=args.name,
+                                     channel_name=args.channel_names, channel_suffixes=args.channel_suffixes,
+                                     link=not args.copy)
     print(f"raw dataset: {folder}")
 
     result = plan_dataset(args.dataset_id, planner=args.planner, preset=args.preset,

@@ -394,3 +394,51 @@ def test_lora_under_ddp_gloo_two_processes(tmp_path):
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert r == {"frozen_ok": True, "ranks_equal": True, "lora_moved": True}, (rank, r)
+
+
+# -------------------------------------------------------------------------------------------------- export
+@pytest.mark.parametrize("arch", ARCHS)
+def test_state_dict_merge_equals_module_merge(arch):
+    from nnpre_trainers.adapters.export import merge_state_dict, merged_checkpoint
+
+    net = ARCHS[arch]()
+    ad = get_adapter("lora", rank=2, alpha=5.0)
+    ad.apply(net)
+    randomize_adapters(net)
+    ck = {"network_weights": net.state_dict(), "nnpre_adapter": ad.to_dict(), "optimizer_state": {},
+          "trainer_name": "nnPreFineTuneTrainer"}
+    out = merged_checkpoint(ck)
+    assert "optimizer_state" not in out and out["trainer_name"] == "nnPreFineTuneTrainer"
+    assert out["nnpre_adapter_merged"]["approximate"] is False
+    ad.merge(net)
+    ref = net.state_dict()
+    assert list(out["network_weights"]) == list(ref) == list(ARCHS[arch]().state_dict())
+    assert all((out["network_weights"][k] - ref[k]).abs().max() < 1e-6 for k in ref)
+    with pytest.raises(NnPreError, match="no adapter record"):
+        merged_checkpoint({"network_weights": ref})
+    assert merge_state_dict(ref, {"name": "full"}) == ref
+
+
+def test_state_dict_merge_of_molre_and_probes():
+    from nnpre_trainers.adapters.export import merge_state_dict
+
+    net = plain_unet()
+    ad = get_adapter("molre", experts=2)
+    ad.apply(net)
+    randomize_adapters(net)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, MoLREConv):
+                m.gate_mean.copy_(torch.tensor([0.3, 0.7]))
+    sd = net.state_dict()
+    with pytest.raises(NnPreError, match="--approximate-molre"):
+        merge_state_dict(sd, ad.to_dict())
+    approx = merge_state_dict(sd, ad.to_dict(), approximate=True)
+    ad.merge(net, approximate=True)
+    assert list(approx) == list(net.state_dict())
+    assert all(torch.allclose(approx[k], v, atol=1e-6) for k, v in net.state_dict().items())
+    probe_net = plain_unet()
+    probe = get_adapter("probe-linear")
+    probe.apply(probe_net)
+    with pytest.raises(NnPreError, match="not the plain nnU-Net architecture"):
+        merge_state_dict(probe_net.state_dict(), probe.to_dict())

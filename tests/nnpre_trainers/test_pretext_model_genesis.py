@@ -291,3 +291,87 @@ def test_bad_config_is_a_clear_error():
         get_pretext("model_genesis", flip_rate=2.0)
     with pytest.raises(NnPreError, match="unknown option"):
         get_pretext("model_genesis", shuffle_rate=0.5)
+
+
+# -- the official window process (faithful default) -------------------------------------------------------
+from nnpre_trainers.pretext.model_genesis import (  # noqa: E402
+    ShuffleWindows,
+    draw_shuffle_windows,
+    local_pixel_shuffle_windows,
+    shuffle_windows,
+    shuffle_windows_loop,
+)
+
+
+@pytest.mark.parametrize("shape,num_windows", [((1, 40, 40, 20), 10_000), ((2, 30, 23, 41), 3000),
+                                               ((1, 64, 64, 32), 10_000), ((1, 9, 12, 15), 500)])
+def test_vectorised_window_shuffle_equals_the_loop_for_the_same_draws(shape, num_windows):
+    x = _unique_patch(shape, 3)
+    for seed in range(3):
+        w = draw_shuffle_windows(shape[1:], np.random.default_rng(seed), num_windows)
+        assert np.array_equal(shuffle_windows(x, w), shuffle_windows_loop(x, w))
+
+
+def test_window_draws_have_the_official_distributions():
+    w = draw_shuffle_windows((60, 40, 25), np.random.default_rng(0), 20_000)
+    sides = max_window_sides((60, 40, 25))
+    assert tuple(sides) == (6, 4, 2)  # dim // 10
+    for a, (dim, m) in enumerate(zip((60, 40, 25), sides)):
+        counts = np.bincount(w.sizes[:, a], minlength=m + 1)[1:]
+        assert len(counts) == m and all(_within_binomial(c, 20_000, 1 / m) for c in counts)
+        assert (w.starts[:, a] >= 0).all() and (w.starts[:, a] + w.sizes[:, a] <= dim).all()
+        # position uniform over [0, dim - side]: its relative position has mean 1/2
+        rel = w.starts[:, a] / np.maximum(dim - w.sizes[:, a], 1)
+        assert abs(rel.mean() - 0.5) < 0.01
+    assert np.array_equal(np.diff(w.offsets), w.sizes.prod(1)) and w.keys.size == w.offsets[-1]
+
+
+def test_windows_read_from_the_original_and_later_windows_overwrite():
+    x = _unique_patch((1, 6, 6, 6), 0)
+    keys = np.random.default_rng(0).random(8 + 8)
+    w = ShuffleWindows(sizes=np.array([[2, 2, 2], [2, 2, 2]]), starts=np.array([[0, 0, 0], [1, 1, 1]]), keys=keys,
+                       offsets=np.array([0, 8, 16]))
+    out = shuffle_windows(x, w)
+    first = x[0, 0:2, 0:2, 0:2].ravel()[np.argsort(keys[:8])].reshape(2, 2, 2)
+    second = x[0, 1:3, 1:3, 1:3].ravel()[np.argsort(keys[8:])].reshape(2, 2, 2)  # from the original, not `first`
+    expect = x[0].copy()
+    expect[0:2, 0:2, 0:2] = first
+    expect[1:3, 1:3, 1:3] = second
+    assert np.array_equal(out[0], expect)
+    # repeated values: the official process is not a permutation of the patch (bricks are)
+    big = _unique_patch((1, 64, 64, 64), 1)
+    res = local_pixel_shuffle_windows(big, np.random.default_rng(2))
+    dup = 1 - np.unique(res).size / res.size
+    assert 0.05 < dup < 0.4, dup
+    assert np.unique(local_pixel_shuffle(big, np.random.default_rng(2))).size == big.size
+
+
+def test_faithful_defaults_use_windows_official_flips_and_per_patch_range():
+    cfg = ModelGenesisConfig()
+    assert (cfg.local_shuffle, cfg.flip_choices, cfg.intensity_window) == ("windows", ("channel", "x", "y"), None)
+    x = _unique_patch((1, 20, 20, 20), 5)
+    only_shuffle = ModelGenesisConfig(flip_rate=0.0, local_rate=1.0, nonlinear_rate=0.0, paint_rate=0.0)
+    inp, tgt, _ = model_genesis_pair(x, np.random.default_rng(9), only_shuffle)
+    rng = np.random.default_rng(9)
+    rng.random(), rng.random()  # the (failed) flip draw and the local_rate draw
+    assert np.array_equal(inp, local_pixel_shuffle_windows(x, rng))
+    # flips: uniform over {channel (no-op), X, Y}; Z never flips
+    rng = np.random.default_rng(0)
+    draws = np.concatenate([random_flip_axes(rng, 1.0, 3) for _ in range(3000)])
+    assert set(draws.tolist()) == {-1, 0, 1}
+    assert all(_within_binomial(int((draws == a).sum()), draws.size, 1 / 3) for a in (-1, 0, 1))
+    spatial = np.concatenate([random_flip_axes(rng, 1.0, 3, ("x", "y", "z")) for _ in range(300)])
+    assert set(spatial.tolist()) == {0, 1, 2}
+
+
+def test_fixed_intensity_window_maps_through_the_window():
+    x = np.linspace(-3, 3, 8 ** 3, dtype=np.float32).reshape(1, 8, 8, 8)
+    cfg = ModelGenesisConfig(flip_rate=0.0, local_rate=0.0, nonlinear_rate=1.0, paint_rate=0.0,
+                             bezier_points=2000, intensity_window=(-1.0, 1.0))
+    inp, tgt, applied = model_genesis_pair(x, np.random.default_rng(1), cfg)
+    assert applied["nonlinear"] == 1 and np.array_equal(tgt, x)
+    assert inp.min() >= -1.0 - 1e-6 and inp.max() <= 1.0 + 1e-6  # official: clipped window -> [0, 1] -> curve
+    # voxels below/above the window all get the curve's end values
+    assert np.ptp(inp[x < -1]) < 1e-6 and np.ptp(inp[x > 1]) < 1e-6
+    with pytest.raises(ValueError):
+        ModelGenesisConfig(intensity_window=(1.0, 1.0))

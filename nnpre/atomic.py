@@ -2,6 +2,10 @@
 
 A reader (or a crash) therefore sees either the old complete file or the new complete file, never a
 truncated one. Used for plans, checkpoints, predictions and reports.
+
+``tempfile.mkstemp`` creates its file with mode 0600; before the rename the file gets the mode a plain
+``open(path, "w")`` would have given it (``0o666 & ~umask``), so plans, checkpoints and predictions stay
+readable by the group / other users of a shared cluster exactly as the user's umask says.
 """
 from __future__ import annotations
 
@@ -10,6 +14,26 @@ import json
 import os
 import tempfile
 from typing import Any, Callable, Iterator
+
+
+def current_umask() -> int:
+    """The process umask: from ``/proc/self/status`` on Linux (no side effect, thread-safe), else by setting
+    and restoring it (``os.umask`` has no getter)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """Mode ``open(path, "w")`` gives a new file: ``0o666 & ~umask``."""
+    return 0o666 & ~current_umask()
 
 
 @contextlib.contextmanager
@@ -31,6 +55,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as f:  # flush file contents to disk before the rename
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 -> what the umask allows
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

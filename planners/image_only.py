@@ -88,35 +88,66 @@ def extract_fingerprint_image_only(dataset_name: str, cases: Dict[str, dict], nu
 
 
 def _preprocess_case(args):
-    out_trunc, image_files, plans, configuration, dataset_json = args
-    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    out_trunc, image_files, seg_file, plans, configuration, dataset_json = args
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
-    DefaultPreprocessor(verbose=False).run_case_save(out_trunc, image_files, None, pm, cm, dataset_json)
+    # the plans' preprocessor (nnU-Net's DefaultPreprocessor for nnPre plans); seg_file None = image-only
+    cm.preprocessor_class(verbose=False).run_case_save(out_trunc, image_files, seg_file, pm, cm, dataset_json)
     return out_trunc
 
 
-def preprocess_image_only(dataset_name: str, cases: Dict[str, dict], plans: dict, configuration: str,
-                          dataset_json: dict, num_processes: int = 2) -> str:
-    """Preprocess every case of an image-only dataset into ``<preprocessed>/<dataset>/<data_identifier>``.
+def preprocess_all_or_nothing(dataset_name: str, cases: Dict[str, dict], plans: dict, configuration: str,
+                              dataset_json: dict, num_processes: int = 2, plans_identifier: str = "") -> str:
+    """Preprocess every case (labelled or image-only) into ``<preprocessed>/<dataset>/<data_identifier>``.
 
-    The folder is built under a temporary name and renamed at the end, so an interrupted run never
-    leaves a half-written dataset behind the real name.
+    What nnU-Net's ``preprocess_dataset`` does (``run_case_save`` per case with the plans' preprocessor, labels
+    copied to ``gt_segmentations``), but all-or-nothing: the folders are built under ``*.partial`` names, the
+    completion record (:func:`nnpre.dataset_checks.write_completion_marker`) is written last, and only then are
+    they renamed onto the real names. A run killed at any point leaves either the previous complete folder or
+    none (the trainer then says to re-run ``nnPre_plan``), never a partial case set behind the real name.
+
+    Args:
+        cases: ``{case_id: {"images": [paths], "label": path | None}}``.
     """
     from nnunetv2.paths import nnUNet_preprocessed
+
+    from nnpre.dataset_checks import write_completion_marker
 
     ident = plans["configurations"][configuration]["data_identifier"]
     final = os.path.join(nnUNet_preprocessed, dataset_name, ident)
     tmp = final + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    jobs = [(os.path.join(tmp, k), c["images"], plans, configuration, dataset_json) for k, c in cases.items()]
-    _map(_preprocess_case, jobs, num_processes, f"Preprocess {configuration} (image-only)")
+    labelled = any(c.get("label") for c in cases.values())
+    jobs = [(os.path.join(tmp, k), c["images"], c.get("label"), plans, configuration, dataset_json)
+            for k, c in cases.items()]
+    _map(_preprocess_case, jobs, num_processes,
+         f"Preprocess {configuration}{'' if labelled else ' (image-only)'}")
+    gt_final = os.path.join(nnUNet_preprocessed, dataset_name, "gt_segmentations")
+    if labelled:  # nnU-Net keeps a copy of the labels for validation without the raw folder
+        gt_tmp = gt_final + ".partial"
+        shutil.rmtree(gt_tmp, ignore_errors=True)
+        os.makedirs(gt_tmp)
+        ending = dataset_json["file_ending"]
+        for k, c in cases.items():
+            shutil.copyfile(c["label"], os.path.join(gt_tmp, k + ending))  # copyfile: new file, umask applies
+    write_completion_marker(tmp, cases, plans_identifier or plans.get("plans_name", ""), configuration,
+                            plans=plans)
+    if labelled:
+        shutil.rmtree(gt_final, ignore_errors=True)
+        os.replace(gt_tmp, gt_final)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
+
+
+def preprocess_image_only(dataset_name: str, cases: Dict[str, dict], plans: dict, configuration: str,
+                          dataset_json: dict, num_processes: int = 2) -> str:
+    """Preprocess an image-only dataset (labels ignored); see :func:`preprocess_all_or_nothing`."""
+    cases = {k: {"images": c["images"], "label": None} for k, c in cases.items()}
+    return preprocess_all_or_nothing(dataset_name, cases, plans, configuration, dataset_json, num_processes)
 
 
 def _map(fn, jobs, num_processes: int, desc: str):

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from nnpre.dataset_checks import check_raw_dataset
+from nnpre.dataset_checks import check_dataset_contents, check_raw_dataset, check_target_geometry, retire_stale_splits
 from nnpre.errors import fail
 from nnpre.nnunet_env import dataset_id, dataset_name, require_env
 from planners.fixed_geometry import PLANNERS, FixedGeometry
@@ -40,42 +40,19 @@ class PlanResult:
         return "\n".join(lines)
 
 
-def geometry_from_checkpoint(path: str) -> tuple[str, dict]:
-    """(planner key, FixedGeometry overrides) that reproduce a pretrained checkpoint's geometry."""
-    from nnpre.checkpoints import read_pretrained
-
-    ck = read_pretrained(path)
-    plan = ck.plan
-    arch = plan.architecture_plans or {}
-    kw = arch.get("arch_kwargs") or {}
-    cls = str(arch.get("arch_class_name", "ResEncL"))
-    planner = "plain" if "PlainConv" in cls else "resenc-l"
-    cfgs = (plan.pretrain_plan or {}).get("configurations", {}) if isinstance(plan.pretrain_plan, dict) else {}
-    cfg = next(iter(cfgs.values()), {}) if cfgs else {}
-    over = {}
-    if cfg.get("spacing"):
-        over["spacing"] = tuple(float(s) for s in cfg["spacing"])
-    patch = getattr(plan, "pretrain_patch_size", None) or cfg.get("patch_size") or plan.recommended_downstream_patchsize
-    if patch:
-        over["patch_size"] = tuple(int(p) for p in patch)
-    if kw.get("features_per_stage"):
-        over["base_features"] = int(kw["features_per_stage"][0])
-        over["max_features"] = int(max(kw["features_per_stage"]))
-    if kw.get("n_blocks_per_stage"):
-        over["n_blocks_per_stage"] = tuple(int(b) for b in kw["n_blocks_per_stage"])
-    return planner, over
-
-
 def plan_dataset(dataset: str | int, planner: Optional[str] = None, preset: Optional[str] = None,
                  spacing: Optional[Sequence[float]] = None, patch_size: Optional[Sequence[int]] = None,
                  batch_size: Optional[int] = None, normalization: Optional[str] = None,
                  plans_name: Optional[str] = None, like: Optional[str] = None, preprocess: bool = True,
-                 num_processes: int = 2, verbose: bool = False) -> PlanResult:
+                 num_processes: int = 2, verbose: bool = False,
+                 strides: Optional[Sequence[Sequence[int]]] = None) -> PlanResult:
     """Fingerprint, plan (fixed geometry) and optionally preprocess ``dataset``.
 
-    Labelled datasets go through nnU-Net's own fingerprint extractor and ``preprocess_dataset``;
-    image-only pools through :mod:`planners.image_only`. The raw dataset is validated first, so bad
-    input stops before anything is written.
+    Labelled datasets go through nnU-Net's own fingerprint extractor, image-only pools through
+    :mod:`planners.image_only`; both are preprocessed all-or-nothing
+    (:func:`planners.image_only.preprocess_all_or_nothing`). The raw dataset (headers, then every file in full)
+    and the target geometry are validated first, so bad input stops before anything is written. A
+    ``splits_final.json`` that does not name exactly the preprocessed cases is moved aside.
     """
     require_env("nnUNet_raw", "nnUNet_preprocessed")
     from nnunetv2.paths import nnUNet_raw
@@ -83,14 +60,26 @@ def plan_dataset(dataset: str | int, planner: Optional[str] = None, preset: Opti
     name = dataset_name(dataset)
     info = check_raw_dataset(os.path.join(nnUNet_raw, name))
     overrides = dict(spacing=spacing, patch_size=patch_size, batch_size=batch_size, normalization=normalization)
-    if like:
-        like_planner, like_over = geometry_from_checkpoint(like)
-        planner = planner or like_planner
-        overrides = {**like_over, **{k: v for k, v in overrides.items() if v is not None}}
+    like_spec = None
+    if like:  # the checkpoint's network verbatim (planners.like)
+        from nnunetv2.paths import nnUNet_preprocessed
+
+        from planners.like import describe, like_checkpoint
+
+        like_spec = like_checkpoint(like, os.path.join(nnUNet_preprocessed, name), strides=strides, planner=planner)
+        print(describe(like_spec, like))
+        planner = like_spec.planner
+        overrides = {**like_spec.overrides, **{k: v for k, v in overrides.items() if v is not None}}
+        if normalization is not None:
+            overrides["normalization_schemes"] = None
     geometry = FixedGeometry.from_preset(preset, **overrides)
     planner = planner or "resenc-l"
     if planner not in PLANNERS:
         fail(f"unknown planner '{planner}'; choose one of {', '.join(PLANNERS)}")
+    if int(num_processes) < 1:
+        fail(f"-np / num_processes must be >= 1, got {num_processes}")
+    check_target_geometry(info, geometry.spacing, geometry.patch_size)
+    check_dataset_contents(info, num_processes=num_processes)
 
     # 1. fingerprint
     if info.labelled:
@@ -104,7 +93,9 @@ def plan_dataset(dataset: str | int, planner: Optional[str] = None, preset: Opti
         extract_fingerprint_image_only(name, info.cases, info.num_channels, num_processes=num_processes)
 
     # 2. plan
-    kwargs = {"geometry": geometry}
+    kwargs = {"geometry": geometry, **(like_spec.planner_kwargs() if like_spec else {})}
+    if like_spec and not plans_name:
+        plans_name = like_spec.plans_name
     if plans_name:
         kwargs["plans_name"] = plans_name
     p = PLANNERS[planner](name, **kwargs)
@@ -114,15 +105,15 @@ def plan_dataset(dataset: str | int, planner: Optional[str] = None, preset: Opti
     # 3. preprocess
     folder = None
     if preprocess:
-        if info.labelled:
-            from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
-
-            preprocess_dataset(dataset_id(name), ident, [CONFIGURATION], [num_processes], verbose=verbose)
-        else:
-            from planners.image_only import preprocess_image_only
-
-            preprocess_image_only(name, info.cases, plans, CONFIGURATION, info.dataset_json, num_processes)
         from nnunetv2.paths import nnUNet_preprocessed
 
-        folder = os.path.join(nnUNet_preprocessed, name, plans["configurations"][CONFIGURATION]["data_identifier"])
+        from planners.image_only import preprocess_all_or_nothing
+
+        cases = info.cases if info.labelled else {k: {**c, "label": None} for k, c in info.cases.items()}
+        folder = preprocess_all_or_nothing(name, cases, plans, CONFIGURATION, info.dataset_json, num_processes,
+                                           plans_identifier=ident)
+        moved = retire_stale_splits(os.path.join(nnUNet_preprocessed, name), cases)
+        if moved:
+            print(f"splits_final.json did not name exactly the {len(cases)} preprocessed cases; moved it to {moved} "
+                  f"(nnU-Net writes new splits at the next training)")
     return PlanResult(name, ident, plans, info.labelled, folder)

@@ -201,3 +201,20 @@ class SWAAverager:
 
 #: nnDetection v001 (the faithful preset).
 NNDET_V001 = DetectionRecipe()
+
+
+def preset_detector_overrides(preset_name: str, n_stages: Optional[int] = None) -> dict:
+    """:class:`~nnpre_detection.retina_unet.RetinaUNetConfig` overrides of a preset (``{}`` = nnDetection's).
+
+    ``cpu-tiny``: head towers 4 x the stage-0 width (32, as nnDetection's 128 for 32); detection levels from
+    stride 4 on (``n_stages`` given): nnDetection's rule ``min(max(1, R - 4), 2) .. R - 1`` starts at stride 4
+    for its usual 6-stage networks but at stride 2 for cpu-tiny's 4 stages, where the stride-2 level holds 8x
+    the positions of all other levels together and made the heads most of the step (see
+    ``benchmarks/bench_detection_step.py``).
+    """
+    if preset_name == "cpu-tiny":
+        over = {"head_channels": 32}
+        if n_stages is not None and n_stages > 2:
+            over["decoder_levels"] = tuple(range(2, int(n_stages)))
+        return over
+    return {}

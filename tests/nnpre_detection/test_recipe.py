@@ -68,3 +68,13 @@ def test_swa_average_of_snapshots():
         snaps.append(v)
     avg.copy_to(net)
     assert torch.allclose(net.weight, torch.full((1, 2), 3.0)) and torch.allclose(net.bias, torch.tensor([-3.0]))
+
+
+def test_preset_detector_overrides():
+    from nnpre_detection.recipe import preset_detector_overrides
+    from nnpre_detection.retina_unet import RetinaUNetConfig
+
+    assert preset_detector_overrides("gpu", 6) == {}
+    over = preset_detector_overrides("cpu-tiny", 4)
+    assert over["decoder_levels"] == (2, 3) and over["head_channels"] == 32
+    RetinaUNetConfig().with_overrides(**over)  # valid detector options

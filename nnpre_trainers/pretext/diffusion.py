@@ -10,25 +10,31 @@ chooses (all configurable):
   of noise under it (ᾱ_60 ≈ 0.958, ᾱ_999 ≈ 4.04e-5); ``schedule="cosine"`` gives Nichol & Dhariwal's
   (ICML 2021) cosine schedule (s = 0.008, β clipped at 0.999). Timesteps are 0-based: t = 0 is the first noising step.
 * ε-prediction with a plain MSE loss (Ho et al.'s L_simple); t ~ U{0..T-1} per sample.
-* **timestep conditioning** (:class:`TimestepConditioning`): sinusoidal embedding → 2-layer SiLU MLP →
-  per encoder stage a SiLU + linear layer giving a channel-wise FiLM ``h * (1 + scale) + shift`` applied to
-  that stage's output through forward hooks that exist only during :meth:`DiffusionTask.forward` (no global
-  state; the network's own state-dict keys are untouched, the module's keys are ``nnpre_conditioning.*``).
-  This mirrors the scale/shift time conditioning of the ADM U-Net (Dhariwal & Nichol 2021), moved to the
-  stage outputs so that stock ResEnc/PlainConv U-Nets need no change.
-* optional **coordinate conditioning** (``coord_channels=True``): three extra input channels holding each
-  voxel's normalised position in its volume, the stand-in for the paper's body-part-regression coordinates
-  (which the paper found to help little: 75.6 vs 77.5 Dice on FLARE).
+* **timestep conditioning, transferred as trained** (:class:`TimestepConditioning`): sinusoidal embedding →
+  2-layer SiLU MLP → SiLU + linear layer giving a channel-wise FiLM ``h * (1 + scale) + shift`` of the output
+  of every instance norm of the encoder (the scale/shift time conditioning of the ADM U-Net, Dhariwal & Nichol
+  2021, placed at the norms so that stock ResEnc/PlainConv U-Nets need no change). The modulation is
+  ``f(t) - f(t*)``: the identity at the transfer timestep ``t*`` (``transfer_timestep``, default 10, the
+  smallest feature timestep of the paper). So the network's own weights *are* the encoder as it computes at
+  t*: what ``nnPre_export`` / fine-tuning load from ``encoder.*`` equals the pretraining encoder at t*, with
+  nothing dropped. :func:`fold_timestep` bakes any other t into the norm affines instead.
+  No hooks: :meth:`DiffusionTask.build_conditioning` switches the encoder's ``InstanceNorm3d`` layers to
+  :class:`FiLMInstanceNorm3d` (class swap, same parameters and state-dict keys), which read the modulation
+  from a per-network :class:`FiLMContext` that only :meth:`DiffusionTask.forward` fills (and clears). This
+  runs under ``torch.compile`` (tested on CPU). The conditioning's own keys are ``nnpre_conditioning.*``.
+* optional **anatomical (coordinate) guidance** (``coord_channels=True``): three extra input channels holding
+  each voxel's normalised position in its volume, concatenated to the noisy patch as the paper concatenates
+  its body-part-regression coordinates (which it found to help little: 75.6 vs 77.5 Dice on FLARE). The stem
+  then has C + 3 input channels; ``nnpre.weight_transfer`` drops the 3 coordinate input channels of the stem
+  at transfer (``drop_pretext_input_channels``), so the downstream network takes images only.
 
 Input range: z-scored patches (≈ zero mean, unit variance, the scale of the N(0, I) noise).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from functools import partial
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +59,8 @@ class DiffusionConfig:
         coord_channels: append 3 normalised-position channels to the input.
         feature_timesteps: timesteps at which :meth:`DiffusionTask.extract_features` probes the encoder.
             arXiv 2501.19265: 10, 30, 60.
+        transfer_timestep: t*, the timestep at which the conditioning is the identity, i.e. the encoder that
+            is transferred. Default 10, the smallest of the paper's feature timesteps.
     """
 
     num_timesteps: int = 1000
@@ -63,8 +71,11 @@ class DiffusionConfig:
     time_embed_dim: int = 128
     coord_channels: bool = False
     feature_timesteps: Tuple[int, ...] = (10, 30, 60)
+    transfer_timestep: int = 10
 
     def __post_init__(self):
+        if not 0 <= int(self.transfer_timestep) < int(self.num_timesteps):
+            raise ValueError(f"transfer_timestep {self.transfer_timestep} outside [0, {self.num_timesteps})")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if int(self.num_timesteps) < 1:
@@ -143,49 +154,119 @@ def encoder_stages(network: nn.Module) -> List[nn.Module]:
     return list(stages)
 
 
-def _film_hook(module: nn.Module, inputs, output: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return output * (1 + scale.to(output.dtype)) + shift.to(output.dtype)
+class FiLMContext:
+    """The per-forward FiLM of one network (not a module-level global).
+
+    Attributes:
+        film: None (every :class:`FiLMInstanceNorm3d` is a plain instance norm) or one (scale, shift) pair of
+            (B, C_i, 1, 1, 1) tensors per conditioned norm, in encoder module order.
+    """
+
+    def __init__(self) -> None:
+        self.film: Optional[List[Tuple[Tensor, Tensor]]] = None
+
+
+class FiLMInstanceNorm3d(nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d`` followed by ``y * (1 + scale) + shift`` from its :class:`FiLMContext` when set."""
+
+    nnpre_film_ctx: FiLMContext
+    nnpre_film_index: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        film = self.nnpre_film_ctx.film
+        if film is None:
+            return y
+        scale, shift = film[self.nnpre_film_index]
+        return y * (1 + scale.to(y.dtype)) + shift.to(y.dtype)
+
+
+def conditioned_norms(encoder: nn.Module, ctx: Optional[FiLMContext] = None) -> List[FiLMInstanceNorm3d]:
+    """The encoder's instance norms in module order, switched to :class:`FiLMInstanceNorm3d` (class swap:
+    same parameters and state-dict keys) and bound to ``ctx`` (when given)."""
+    norms = []
+    for name, mod in encoder.named_modules():
+        if type(mod) is nn.InstanceNorm3d:
+            mod.__class__ = FiLMInstanceNorm3d
+        elif isinstance(mod, nn.modules.batchnorm._NormBase) and not isinstance(mod, FiLMInstanceNorm3d):
+            fail(f"diffusion timestep conditioning needs instance norms in the encoder, found "
+                 f"{type(mod).__name__} at 'encoder.{name}'; use an nnU-Net plan with InstanceNorm3d")
+        if isinstance(mod, FiLMInstanceNorm3d):
+            if ctx is not None:
+                mod.nnpre_film_ctx = ctx
+                mod.nnpre_film_index = len(norms)
+            norms.append(mod)
+    return norms
 
 
 class TimestepConditioning(nn.Module):
-    """Timestep → per-stage channel-wise FiLM of the encoder stage outputs.
+    """Timestep → channel-wise FiLM of every encoder instance norm, the identity at ``transfer_timestep``.
+
+    ``(scale_i(t), shift_i(t)) = g_i(t) - g_i(t*)`` with ``g`` = sinusoidal embedding → Linear → SiLU → Linear →
+    SiLU → Linear (last layer zero-initialised, so training starts from the unconditioned network).
 
     Args:
-        stage_channels: output channels of each encoder stage (``encoder.output_channels``).
+        norm_channels: channels of each conditioned norm (encoder module order).
         embed_dim: sinusoidal embedding width; hidden width is ``2 * embed_dim``.
+        transfer_timestep: t*.
+        ctx: the network's :class:`FiLMContext`.
     """
 
-    def __init__(self, stage_channels: Sequence[int], embed_dim: int = 128) -> None:
+    def __init__(self, norm_channels: Sequence[int], embed_dim: int = 128, transfer_timestep: int = 10,
+                 ctx: Optional[FiLMContext] = None) -> None:
         super().__init__()
         self.embed_dim = int(embed_dim)
+        self.transfer_timestep = int(transfer_timestep)
+        self.channels = [int(c) for c in norm_channels]
+        self.ctx = ctx if ctx is not None else FiLMContext()
         hidden = 2 * self.embed_dim
         self.mlp = nn.Sequential(nn.Linear(self.embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.film = nn.ModuleList([nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * int(c)))
-                                   for c in stage_channels])
+        self.film = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * sum(self.channels)))
+        nn.init.zeros_(self.film[1].weight)
+        nn.init.zeros_(self.film[1].bias)
+
+    def _raw(self, t: Tensor) -> Tensor:
+        device = self.film[1].weight.device
+        return self.film(self.mlp(sinusoidal_embedding(t.to(device), self.embed_dim)))
 
     def forward(self, t: Tensor) -> List[Tuple[Tensor, Tensor]]:
-        """(B,) timesteps -> per stage (scale, shift), each (B, C_s, 1, 1, 1)."""
-        device = next(self.parameters()).device
-        h = self.mlp(sinusoidal_embedding(t.to(device), self.embed_dim))
-        out = []
-        for layer in self.film:
-            scale, shift = layer(h).chunk(2, dim=1)
+        """(B,) timesteps -> per norm (scale, shift), each (B, C_i, 1, 1, 1); exactly 0 where t == t*."""
+        t_star = torch.full_like(t[:1], self.transfer_timestep)
+        raw = self._raw(torch.cat([t.reshape(-1), t_star.reshape(-1)]))
+        g = raw[:-1] - raw[-1:]
+        out, pos = [], 0
+        for c in self.channels:
+            scale, shift = g[:, pos:pos + c], g[:, pos + c:pos + 2 * c]
             out.append((scale[..., None, None, None], shift[..., None, None, None]))
+            pos += 2 * c
         return out
 
-    @contextlib.contextmanager
-    def applied(self, stages: Sequence[nn.Module], t: Tensor) -> Iterator[None]:
-        """Context in which each of ``stages`` modulates its output with the FiLM of timesteps ``t``."""
-        if len(stages) != len(self.film):
-            fail(f"the timestep conditioning was built for {len(self.film)} encoder stages but the network has "
-                 f"{len(stages)}; rebuild it with task.build_conditioning(network)")
-        handles = [s.register_forward_hook(partial(_film_hook, scale=sc, shift=sh))
-                   for s, (sc, sh) in zip(stages, self(t))]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+
+def fold_timestep(network: nn.Module, t: int) -> Dict[str, Tensor]:
+    """The network's state dict with the FiLM of timestep ``t`` folded into the encoder's norm affines.
+
+    ``IN(x) * w * (1 + s) + b * (1 + s) + shift`` = an instance norm with weight ``w (1 + s)`` and bias
+    ``b (1 + s) + shift``. For ``t = transfer_timestep`` this is the plain state dict (s = shift = 0). The
+    ``nnpre_conditioning.*`` keys are left out.
+    """
+    net = unwrap_network(network)
+    cond = getattr(net, CONDITIONING_ATTR, None)
+    if not isinstance(cond, TimestepConditioning):
+        fail("fold_timestep needs a network with the diffusion timestep conditioning (network.nnpre_conditioning)")
+    with torch.no_grad():
+        film = cond(torch.tensor([int(t)]))
+    sd = {k: v.detach().clone() for k, v in net.state_dict().items() if not k.startswith(CONDITIONING_ATTR + ".")}
+    names: Dict[int, List[str]] = {}
+    for n, m in net.named_modules(remove_duplicate=False):  # U-Net decoders alias the encoder (decoder.encoder.*)
+        names.setdefault(id(m), []).append(n)
+    for mod in conditioned_norms(net.encoder):
+        if not mod.affine:
+            fail(f"cannot fold the timestep into '{names[id(mod)][0]}': it has no affine parameters")
+        scale, shift = (f[0, :, 0, 0, 0] for f in film[mod.nnpre_film_index])
+        weight, bias = mod.weight.detach() * (1 + scale), mod.bias.detach() * (1 + scale) + shift
+        for name in names[id(mod)]:
+            sd[f"{name}.weight"], sd[f"{name}.bias"] = weight.clone(), bias.clone()
+    return sd
 
 
 def coordinate_channels(shape: Sequence[int], context: Optional[dict] = None,
@@ -240,7 +321,8 @@ class DiffusionTask(PretextTask):
 
     ``corrupt``: t ~ U{0..T-1} per sample, ε ~ N(0, I), input = x_t (+ 3 coordinate channels), target = ε,
     ``extras = {"t": (B,) long}``. ``forward`` needs the module from :meth:`build_conditioning` registered as
-    ``network.nnpre_conditioning`` (what the pretraining trainer and :func:`attach_conditioning` do).
+    ``network.nnpre_conditioning`` (what the pretraining trainer and :func:`attach_conditioning` do); outside
+    ``forward`` the network computes as at ``transfer_timestep``.
 
     Attributes:
         betas, alphas_cumprod: (T,) float64 schedule tensors.
@@ -279,9 +361,12 @@ class DiffusionTask(PretextTask):
                              extras={"t": t})
 
     def build_conditioning(self, network: nn.Module) -> nn.Module:
+        """Switch the encoder's instance norms to FiLM norms (same keys) and return the timestep module."""
         encoder_stages(network)  # fails clearly on networks without encoder stages
-        channels = list(unwrap_network(network).encoder.output_channels)
-        return TimestepConditioning(channels, int(self.config.time_embed_dim))
+        ctx = FiLMContext()
+        norms = conditioned_norms(unwrap_network(network).encoder, ctx)
+        return TimestepConditioning([m.num_features for m in norms], int(self.config.time_embed_dim),
+                                    int(self.config.transfer_timestep), ctx)
 
     def _conditioning(self, network: nn.Module) -> TimestepConditioning:
         cond = getattr(unwrap_network(network), CONDITIONING_ATTR, None)
@@ -295,8 +380,12 @@ class DiffusionTask(PretextTask):
         """ε prediction (B, C, X, Y, Z) of ``network`` with the timesteps ``sample.extras["t"]`` injected."""
         if "t" not in sample.extras:
             fail("diffusion sample has no timesteps in extras['t']; build samples with DiffusionTask.corrupt")
-        with self._conditioning(network).applied(encoder_stages(network), sample.extras["t"]):
+        cond = self._conditioning(network)
+        cond.ctx.film = cond(sample.extras["t"])
+        try:
             return network(sample.input)
+        finally:
+            cond.ctx.film = None
 
     @torch.no_grad()
     def extract_features(self, network: nn.Module, image: Tensor, timesteps: Optional[Sequence[int]] = None,
@@ -330,8 +419,11 @@ class DiffusionTask(PretextTask):
             tt = torch.full((image.shape[0],), t, dtype=torch.long, device=image.device)
             noise = torch.randn(image.shape, generator=gen, device=gen.device, dtype=image.dtype)
             x_t = self.q_sample(image, tt, noise.to(image.device))
-            with cond.applied(encoder_stages(network), tt):
+            cond.ctx.film = cond(tt)
+            try:
                 feats = encoder(self._network_input(x_t, context))
+            finally:
+                cond.ctx.film = None
             out[t] = list(feats) if isinstance(feats, (list, tuple)) else [feats]
         return out
 

@@ -107,10 +107,11 @@ def test_building_conditioning_keeps_network_keys():
     plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("nnpre_")})
 
 
-def test_timestep_changes_output_and_hooks_are_removed():
+def test_timestep_changes_output_and_no_hooks():
     task = get_pretext("diffusion")
     net = tiny_resenc(1, 1)
     attach_conditioning(net, task)
+    _train_film(net)
     x = torch.randn(2, 1, 16, 16, 16)
     s = task.corrupt(x, torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -121,8 +122,96 @@ def test_timestep_changes_output_and_hooks_are_removed():
         out700 = task.forward(net, s)
         assert not torch.allclose(out5, out700, atol=1e-4)
         assert not torch.allclose(out5, plain, atol=1e-4)
-        assert torch.allclose(net(s.input), plain)  # hooks exist only during task.forward
-    assert all(len(st._forward_hooks) == 0 for st in net.encoder.stages)
+        s.extras["t"] = torch.tensor([10, 10])  # t* = transfer_timestep: the plain network
+        assert torch.allclose(task.forward(net, s), plain, atol=1e-6)
+        assert torch.allclose(net(s.input), plain)  # the modulation exists only during task.forward
+    assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in net.modules())
+    assert net.nnpre_conditioning.ctx.film is None
+
+
+def _train_film(net):
+    """Give the zero-initialised FiLM output layer random weights (as after training)."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        net.nnpre_conditioning.film[1].weight.normal_(0, 0.05)
+        net.nnpre_conditioning.film[1].bias.normal_(0, 0.05)
+
+
+def test_transferred_encoder_equals_pretraining_encoder_at_t_star():
+    """What fine-tuning loads (encoder.* keys into a fresh plain U-Net) computes as the pretraining encoder at t*."""
+    from nnpre.checkpoints import pretrained_from_dict
+    from nnpre.weight_transfer import transfer_encoder
+
+    task = get_pretext("diffusion")
+    net = tiny_resenc(1, 1)
+    attach_conditioning(net, task)
+    _train_film(net)
+    with torch.no_grad():
+        for p in net.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fresh = tiny_resenc(1, 2, seed=7)
+    transfer_encoder(pretrained_from_dict({"network_weights": net.state_dict()}), fresh)
+    x = torch.randn(2, 1, 16, 16, 16)
+    cond = net.nnpre_conditioning
+    with torch.no_grad():
+        cond.ctx.film = cond(torch.tensor([10, 10]))
+        pre = net.encoder(x)
+        cond.ctx.film = cond(torch.tensor([60, 60]))
+        other = net.encoder(x)
+        cond.ctx.film = None
+        down = fresh.encoder(x)
+    for a, b in zip(pre, down):
+        assert float((a - b).abs().max()) < 1e-5
+    assert float((other[-1] - down[-1]).abs().max()) > 1e-3  # the conditioning is not trivial
+
+
+def test_fold_timestep_bakes_any_t_into_the_norm_affines():
+    from nnpre_trainers.pretext.diffusion import fold_timestep
+
+    task = get_pretext("diffusion", transfer_timestep=30)
+    net = tiny_resenc(1, 1)
+    attach_conditioning(net, task)
+    _train_film(net)
+    x = torch.randn(1, 1, 16, 16, 16)
+    plain = tiny_resenc(1, 1, seed=5)
+    cond = net.nnpre_conditioning
+    for t in (30, 60):
+        plain.load_state_dict(fold_timestep(net, t))
+        with torch.no_grad():
+            cond.ctx.film = cond(torch.tensor([t]))
+            ref = net.encoder(x)
+            cond.ctx.film = None
+            got = plain.encoder(x)
+        assert all(float((a - b).abs().max()) < 1e-5 for a, b in zip(ref, got))
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in fold_timestep(net, 30).items())
+
+
+@pytest.mark.slow
+def test_pretraining_under_torch_compile_matches_eager():
+    """A few SGD steps with the network compiled (inductor, CPU) give the losses of eager mode."""
+    import copy
+
+    torch.set_num_threads(1)
+    task = get_pretext("diffusion", time_embed_dim=16)
+    eager = tiny_resenc(1, 1)
+    attach_conditioning(eager, task)
+    _train_film(eager)
+    other = copy.deepcopy(eager)
+    compiled = torch.compile(other)
+    g = torch.Generator().manual_seed(0)
+    samples = [task.corrupt(torch.randn(2, 1, 16, 16, 16, generator=g), g) for _ in range(3)]
+    losses = {}
+    for name, model, params in (("eager", eager, eager.parameters()), ("compiled", compiled, other.parameters())):
+        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        losses[name] = []
+        for s in samples:
+            loss = task.loss(task.forward(model, s), s)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(float(loss.detach()))
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4, abs=1e-5), losses
+    assert losses["eager"][0] != losses["eager"][-1]
 
 
 def test_conditioning_gets_gradients():

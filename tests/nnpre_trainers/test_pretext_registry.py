@@ -171,3 +171,45 @@ def test_short_training_run_lowers_the_loss(name):
     assert np.mean(train[-5:]) < np.mean(train[:5]), msg
     if name != "diffusion":
         assert after < 0.95 * trivial, msg
+
+
+# -- every task: checkpoint with the adaptation plan -> dense downstream network ------------------------------
+def _tiny_plans() -> dict:
+    from nnpre.architecture import unet_arch_kwargs
+
+    kw = unet_arch_kwargs([4, 8, 16, 32], [[3, 3, 3]] * 4, [[1, 1, 1]] + [[2, 2, 2]] * 3, [1, 1, 1, 1], [1, 1, 1])
+    return {"plans_name": "TinyPlans", "dataset_name": "Dataset999_T", "configurations": {"3d_fullres": {
+        "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+                         "arch_kwargs": kw, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+        "patch_size": [32, 32, 32], "spacing": [1.0, 1.0, 1.0], "batch_size": 2, "data_identifier": "tiny",
+        "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False]}}}
+
+
+@pytest.mark.parametrize("name", list_pretexts())
+def test_checkpoint_with_adaptation_plan_transfers_to_a_dense_encoder(name, tmp_path):
+    """Pretraining network (task modules attached, one step taken) -> checkpoint as the trainer writes it ->
+    ``nnpre.weight_transfer`` into the dense network the plan builds: strict load, identical encoder outputs."""
+    from nnpre.adaptation_plan import from_nnunet_plans
+    from nnpre.checkpoints import read_pretrained
+    from nnpre.weight_transfer import transfer_encoder
+
+    torch.set_num_threads(1)
+    task = get_pretext(name, **({"block_size": 4} if name in ("mae", "s3d") else {}))
+    net = tiny_resenc(1 + task.num_extra_input_channels(), task.num_output_channels(1))
+    attach_conditioning(net, task)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = blob_volumes(2, 32, seed=3)
+    s = task.corrupt(x, torch.Generator().manual_seed(0))
+    task.loss(task.forward(net, s), s).backward()
+    opt.step()
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(task.config).items()}
+    plan = from_nnunet_plans(_tiny_plans(), "3d_fullres", 1, pretext=name, pretext_config=cfg)
+    torch.save({"network_weights": net.state_dict(), "nnssl_adaptation_plan": plan.to_dict()}, tmp_path / "ck.pth")
+    ck = read_pretrained(tmp_path / "ck.pth")
+    assert ck.plan.pretext == name
+    down = ck.plan.build_network(1, 3)
+    report = transfer_encoder(ck, down)
+    assert report.loaded and all(k.startswith("encoder.") for k in report.loaded)
+    with torch.no_grad():
+        pre, got = net.encoder(x), down.encoder(x)  # outside task.forward the pretraining encoder is the dense one
+    assert all(float((a - b).abs().max()) < 1e-5 for a, b in zip(pre, got))

@@ -13,7 +13,9 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+from nnpre.errors import fail
 
 
 def current_umask() -> int:
@@ -34,6 +36,40 @@ def current_umask() -> int:
 def default_file_mode() -> int:
     """Mode ``open(path, "w")`` gives a new file: ``0o666 & ~umask``."""
     return 0o666 & ~current_umask()
+
+
+def writable_folder(folder: str, option: str = "-o") -> None:
+    """Fail with one line unless ``folder`` (or, if it does not exist yet, its nearest existing parent) can be
+    written; checked before long work so a read-only target does not end in a PermissionError traceback."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        fail(f"{option} {folder}: {probe} is a file, not a folder; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        fail(f"{option} {folder}: folder {probe} is not writable (permission denied); choose another path or fix "
+             f"its permissions (chmod u+w)")
+
+
+def check_output_file(output: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
+                      option: str = "-o") -> str:
+    """Refuse an output file that is one of the ``inputs``, an existing file (unless ``overwrite``), a folder, or
+    in a folder that cannot be written. Returns the path. Call before any work is done."""
+    output = os.fspath(output)
+    for src in inputs:
+        src = os.fspath(src)
+        if os.path.exists(src) and os.path.exists(output) and os.path.samefile(src, output):
+            fail(f"{option} {output} is the input file {src}; writing it would replace the input. Choose another "
+                 f"output file")
+    if os.path.isdir(output):
+        fail(f"{option} {output} is a folder; give the path of a file (inside it, or elsewhere)")
+    if os.path.lexists(output) and not overwrite:
+        fail(f"{option} {output} already exists; pass --overwrite to replace it or choose another file")
+    writable_folder(os.path.dirname(os.path.abspath(output)), option)
+    return output
 
 
 @contextlib.contextmanager

@@ -7,6 +7,19 @@ showing a traceback.
 """
 
 
+import errno
+
+#: ``OSError`` numbers the command-line entry points turn into one ``error:`` line (the user can fix them).
+USER_OS_ERRORS = {errno.EACCES: "check the permissions of the file and its folder, or choose another path",
+                  errno.EPERM: "check the permissions of the file and its folder, or choose another path",
+                  errno.EROFS: "the file system is read-only; choose a path on a writable one",
+                  errno.EEXIST: "remove it or choose another path",
+                  errno.ENOSPC: "the disk is full; free space or choose another path",
+                  errno.EDQUOT: "the disk quota is exceeded; free space or choose another path",
+                  errno.EISDIR: "it is a folder; give a file path",
+                  errno.ENOTDIR: "a part of the path is a file, not a folder; fix the path"}
+
+
 class NnPreError(RuntimeError):
     """An error the user can fix; its message is one line naming the file and the remedy."""
 
@@ -14,3 +27,14 @@ class NnPreError(RuntimeError):
 def fail(message: str) -> "NoReturn":  # noqa: F821 - typing only
     """Raise :class:`NnPreError` with ``message`` (kept to a single line)."""
     raise NnPreError(" ".join(str(message).split("\n")))
+
+
+def os_error_message(e: OSError) -> str | None:
+    """One line for an ``OSError`` the user can fix (see :data:`USER_OS_ERRORS`), else None (a real bug)."""
+    fix = USER_OS_ERRORS.get(getattr(e, "errno", None))
+    if fix is None:
+        return None
+    where = e.filename if e.filename is not None else "?"
+    if getattr(e, "filename2", None):
+        where = f"{where} -> {e.filename2}"
+    return f"{where}: {e.strerror or type(e).__name__}; {fix}"

@@ -322,17 +322,13 @@ def group_input_files(in_folder: str, num_channels: int, file_ending: Optional[s
 
 
 def check_finite(files: Sequence[str]):
-    """Read ``files`` with SimpleITK; NaN/inf voxels -> NnPreError naming the file. Returns the first image.
-
-    (ITK's NIfTI reader already turns NaN into 0; MHA/NRRD keep them.)
-    """
-    import SimpleITK as sitk
+    """Read ``files`` with :func:`nnpre.image_io.read_image` (3-D only; truncated files and NaN/Inf voxels -> one
+    NnPreError line naming the file; ITK's NIfTI reader alone would turn NaN into 0). Returns the first image."""
+    from nnpre.image_io import read_image
 
     ref = None
     for f in files:
-        im = sitk.ReadImage(f)
-        if not np.isfinite(sitk.GetArrayViewFromImage(im)).all():
-            fail(f"{f} contains NaN/inf voxels; fix or replace them (e.g. with 0) before prediction")
+        im = read_image(f, kind="image", ndim=3)
         ref = ref or im
     return ref
 
@@ -470,6 +466,7 @@ def predict_folder(model_dir: str, in_folder: str, out_folder: str, checkpoint: 
             "spacing": list(ref.GetSpacing()),
             "origin": list(ref.GetOrigin()),
             "direction": list(ref.GetDirection()),
+            "shape": list(ref.GetSize()),  # SimpleITK (x, y, z); nnPre_evaluate checks it against the ground truth
         }, path)
         if save_instances:
             from nnpre_detection.instance_map import write_instance_map

@@ -34,6 +34,7 @@ import numpy as np
 import scipy.ndimage
 
 from nnpre.errors import fail
+from nnpre.image_io import read_image
 
 #: File endings (SimpleITK-readable) recognised as label images, longest first.
 LABEL_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
@@ -165,10 +166,7 @@ def load_nndet_label(label_file: str) -> tuple[np.ndarray, dict[int, int], "Simp
         fail(f"{json_file}: expected {{\"instances\": {{\"1\": 0, ...}}}} ({type(e).__name__}: {e})")
     if any(v < 0 for v in mapping.values()):
         fail(f"{json_file}: class indices must be >= 0 (nnDetection classes start at 0)")
-    try:
-        image = sitk.ReadImage(label_file)
-    except RuntimeError as e:
-        fail(f"{label_file}: cannot read image ({str(e).strip().splitlines()[-1] if str(e).strip() else e})")
+    image = read_image(label_file, kind="label", ndim=None)  # truncated / negative / fractional -> one line
     arr = sitk.GetArrayFromImage(image)
     if arr.ndim != 3:
         fail(f"{label_file}: expected a 3D single-channel instance map, got array shape {arr.shape}")
@@ -192,10 +190,7 @@ def _boxes_from_nndet_label(label_file: str) -> dict:
 def _boxes_from_semantic_label(label_file: str, min_size: int, classes: Sequence[int] | None) -> dict:
     import SimpleITK as sitk
 
-    try:
-        arr = sitk.GetArrayFromImage(sitk.ReadImage(label_file))
-    except RuntimeError as e:
-        fail(f"{label_file}: cannot read image ({str(e).strip().splitlines()[-1] if str(e).strip() else e})")
+    arr = sitk.GetArrayFromImage(read_image(label_file, kind="label", ndim=None))  # truncated, negative, ...
     if arr.ndim != 3:
         fail(f"{label_file}: expected a 3D single-channel label map, got array shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.integer):

@@ -21,6 +21,14 @@ def cli_entry(fn: Callable[[argparse.Namespace], int | None], parser_fn: Callabl
         except NnPreError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except OSError as e:  # permission denied, read-only folder, disk full, ...: one line, not a traceback
+            from nnpre.errors import os_error_message
+
+            msg = os_error_message(e)
+            if msg is None:
+                raise
+            print(f"error: {msg}", file=sys.stderr)
+            sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)

@@ -55,9 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output(out: str) -> None:
+    """``-o`` must be a file path in a writable folder and must not be an input (a prediction, a ground-truth
+    case JSON or a dataset.json); an earlier report at the same path is replaced (evaluations are re-run)."""
+    import os
+
+    from nnpre.atomic import check_output_file
+    from nnpre.errors import fail
+
+    check_output_file(out, overwrite=True)
+    if os.path.isfile(out):
+        try:
+            with open(out, encoding="utf-8") as f:
+                head = json.load(f)
+        except (OSError, ValueError, UnicodeDecodeError):
+            head = None
+        if not (isinstance(head, dict) and ("metrics" in head or "metric_per_case" in head)):
+            fail(f"-o {out} exists and is not an earlier evaluation report (it may be a prediction, a ground-truth "
+                 f"file or a dataset.json); choose another output file")
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the evaluation and print the headline numbers; returns the report."""
     from nnpre_detection.metrics.evaluate import HEADLINE_KEYS, evaluate_detection, evaluate_segmentation
+
+    check_output(args.out)
 
     if args.task == "det":
         report = evaluate_detection(

@@ -136,10 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--full only: remap the stem to N input channels (default: the checkpoint's)")
     p.add_argument("--channel-names", default=None,
                    help="--full only: comma-separated downstream channel names (by-name stem remap)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from nnpre.atomic import check_output_file
+
+    check_output_file(args.output, inputs=[args.checkpoint], overwrite=args.overwrite)
     if not args.full and (args.input_channels is not None or args.channel_names is not None):
         fail("--input-channels / --channel-names only apply to --full exports (the encoder export keeps the "
              "pretrained stem; nnPre_train remaps it when fine-tuning)")

@@ -2,7 +2,8 @@
 
 Examples::
 
-    nnPre_predict -i imagesTs -o preds -m nnUNet_results/Dataset501_X/nnPreDetectionTrainer__nnPreResEncLPlans__3d_fullres__scratch/fold_0
+    nnPre_predict -i imagesTs -o preds \\
+        -m RESULTS/Dataset501_X/nnPreDetectionTrainer__nnPreResEncLPlans__3d_fullres__scratch/fold_0
     nnPre_predict -i imagesTs -o preds -m MODEL_DIR --checkpoint checkpoint_best.pth --no-mirror --device cpu
     nnPre_predict -i imagesTs -o preds -m TRAINER_FOLDER -f 0 1 2 3 4    # fold ensemble (TRAINER_FOLDER/fold_*)
 
@@ -39,9 +40,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def check_inputs(in_folder: str, out_folder: str) -> None:
+    """Before any model is loaded: every image header in ``in_folder`` is readable, 3-D, with a plausible spacing
+    (a 2-D file would otherwise be read by nnU-Net as one slice 999 mm thick and tiled for minutes); ``out_folder``
+    is not the input folder and can be written. Voxel contents are checked per case when it is read."""
+    import os
+
+    from nnpre.atomic import writable_folder
+    from nnpre.dataset_checks import SPACING_RANGE_MM
+    from nnpre.errors import fail
+    from nnpre.image_io import read_header
+
+    if not os.path.isdir(in_folder):
+        fail(f"input folder {in_folder} does not exist")
+    if os.path.exists(out_folder):
+        if not os.path.isdir(out_folder):
+            fail(f"-o {out_folder} is a file; give a folder for the CASE.json predictions")
+        if os.path.samefile(in_folder, out_folder):
+            fail(f"-o {out_folder} is the input folder; choose another folder so predictions and images stay apart")
+    writable_folder(out_folder, "-o")
+    for name in sorted(os.listdir(in_folder)):
+        if name.startswith(".") or not name.endswith(IMAGE_ENDINGS):
+            continue
+        path = os.path.join(in_folder, name)
+        size, spacing, _, _ = read_header(path)
+        if len(size) != 3:
+            fail(f"{path} is a {len(size)}-D image (size {list(size)}); the detector works on 3-D volumes. Stack the "
+                 f"slices into one 3-D file with its real slice spacing")
+        if min(size) < 2:
+            fail(f"{path} has a single slice (size {list(size)}); the detector works on 3-D volumes")
+        if min(spacing) < SPACING_RANGE_MM[0] or max(spacing) > SPACING_RANGE_MM[1]:
+            fail(f"{path} has implausible spacing {tuple(spacing)} mm (allowed {SPACING_RANGE_MM[0]}-"
+                 f"{SPACING_RANGE_MM[1]} mm); fix the header (e.g. SimpleITK SetSpacing)")
+
+
 def run(args: argparse.Namespace) -> int:
     from nnpre_detection.inference import predict_folder
     from nnpre_trainers.run import pick_device
+
+    check_inputs(args.input, args.output)
 
     written = predict_folder(args.model, args.input, args.output, checkpoint=args.checkpoint,
                              mirror=not args.no_mirror, overlap=args.overlap, device=pick_device(args.device),

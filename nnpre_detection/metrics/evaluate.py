@@ -24,13 +24,19 @@ import numpy as np
 
 from nnpre.atomic import write_json, write_with
 from nnpre.errors import fail
+from nnpre.image_io import allowed_label_values
 from nnpre_detection.instances import load_ground_truth
 from nnpre_detection.metrics.classes import DetectionClasses, resolve_classes
 from nnpre_detection.metrics.coco import IOU_LIST_FAST, IOU_RANGE, coco_iou_thresholds, compute_coco, iou_list_full
 from nnpre_detection.metrics.froc import FPI_THRESHOLDS, compute_froc
 from nnpre_detection.metrics.io import load_predictions
 from nnpre_detection.metrics.matching import MAX_DETECTIONS, match_cases
-from nnpre_detection.metrics.validate import check_ground_truth, check_prediction
+from nnpre_detection.metrics.validate import (
+    check_ground_truth,
+    check_prediction,
+    check_prediction_geometry,
+    check_segmentation_pairs,
+)
 
 HEADLINE_KEYS = ("AP_IoU_0.10_MaxDet_100", "mAP_IoU_0.10_0.50_0.05_MaxDet_100", "FROC_score_IoU_0.10")
 
@@ -205,6 +211,7 @@ def evaluate_detection(
     semantic = None if classes is None else classes.semantic_labels
     gt = load_ground_truth(gt_folder, min_size=min_size, semantic_classes=semantic)
     preds = load_predictions(pred_folder)
+    check_prediction_geometry(preds, gt_folder, pred_folder)  # same image grid as the ground truth
     report = evaluate_boxes(preds, gt, classes, iou_list=iou_list_full() if all_ious else IOU_LIST_FAST,
                             per_class_froc=per_class_froc, missing_predictions=missing_predictions,
                             float_mode=float_mode, pred_source=pred_folder, gt_source=gt_folder)
@@ -303,6 +310,11 @@ def evaluate_segmentation(
         miss = sorted(set(ref) - set(pred))
         fail(f"{pred_folder}: no prediction for {len(miss)} reference case(s): {miss[:5]}"
              f"{' ...' if len(miss) > 5 else ''}")
+    if int(num_processes) < 1:
+        fail(f"-np / num_processes must be >= 1, got {num_processes}")
+    check_segmentation_pairs({c: (os.path.join(gt_folder, ref[c]), os.path.join(pred_folder, pred[c])) for c in ref},
+                             allowed_labels=allowed_label_values(ds["labels"]) if ds is not None else None,
+                             label_source=str(dataset_json))
     example = os.path.join(gt_folder, next(iter(ref.values())))
     if ds is not None:
         rw = determine_reader_writer_from_dataset_json(ds, example, verbose=False)()

@@ -8,10 +8,13 @@ One JSON file per case, ``<case>.json``::
      "boxes_world": [[xmin, ymin, zmin, xmax, ymax, zmax], ...], "spacing": [...], "origin": [...],
      "direction": [...]}
 
-Only ``boxes``, ``scores`` and ``labels`` are used for evaluation. Boxes and scores are read as float32,
-the precision of nnDetection's (and our) network outputs, so evaluation sees the same numbers nnDetection
-would. JSON files without any of the three keys (e.g. a run summary) are skipped; a file with only some of
-them is an error. A folder of nnDetection ``<case>_boxes.pkl`` files (and no JSON) is read with
+Only ``boxes``, ``scores`` and ``labels`` are used for the metrics; ``spacing``, ``origin``, ``direction`` and
+``shape`` (when present) are kept as ``"geometry"`` so that evaluation can refuse predictions made on another
+grid than the ground truth (:func:`nnpre_detection.metrics.validate.check_prediction_geometry`). Boxes and
+scores are read as float32, the precision of nnDetection's (and our) network outputs, so evaluation sees the
+same numbers nnDetection would. JSON objects without any of the three keys (e.g. a run summary) are skipped; a
+file with only some of them, or a JSON list instead of an object, is an error. A folder of nnDetection
+``<case>_boxes.pkl`` files (and no JSON) is read with
 :mod:`nnpre_detection.metrics.nndet_pickle`, which runs no code from the files.
 """
 from __future__ import annotations
@@ -24,6 +27,8 @@ import numpy as np
 from nnpre.errors import fail
 
 PREDICTION_KEYS = ("boxes", "scores", "labels")
+#: Image geometry nnPre_predict records (SimpleITK order); ``shape`` is the image size (x, y, z).
+GEOMETRY_KEYS = ("shape", "spacing", "origin", "direction")
 
 
 def read_prediction(path: str) -> dict:
@@ -58,7 +63,11 @@ def parse_prediction(data, path: str) -> dict:
         boxes = boxes.reshape(0, 6)
     if labels.size == 0:
         labels = labels.reshape(0).astype(np.int64)
-    return {"boxes": boxes, "scores": scores, "labels": labels.reshape(-1)}
+    out = {"boxes": boxes, "scores": scores, "labels": labels.reshape(-1)}
+    geo = {k: data.get(k) for k in GEOMETRY_KEYS}
+    if any(v is not None for v in geo.values()):
+        out["geometry"] = geo
+    return out
 
 
 def load_predictions(folder: str) -> dict[str, dict]:
@@ -86,7 +95,11 @@ def load_predictions(folder: str) -> dict[str, dict]:
                 head = json.load(f)
         except (OSError, ValueError) as e:
             fail(f"{path}: cannot read JSON ({type(e).__name__}: {e})")
-        if not isinstance(head, dict) or not any(k in head for k in PREDICTION_KEYS):
+        if not isinstance(head, dict):
+            fail(f"{path} holds a JSON {type(head).__name__}, not a prediction object {{\"boxes\": [...], "
+                 f"\"scores\": [...], \"labels\": [...]}}; write one object per case (<case>.json) or move the "
+                 f"file out of the prediction folder")
+        if not any(k in head for k in PREDICTION_KEYS):
             continue  # not a prediction file (e.g. a summary)
         case = name[: -len(".json")]
         if "case" in head and str(head["case"]) != case:

@@ -136,3 +136,70 @@ def check_ground_truth(boxes, classes, num_classes: int | None, where: Where) ->
     _check_extent(boxes, where, strict=True)
     classes = _check_classes(classes, len(boxes), num_classes, where, "ground-truth classes")
     return boxes, classes
+
+
+# ------------------------------------------------------------------------------------------- image geometry
+def _gt_label_file(gt_folder: str, case: str) -> Optional[str]:
+    import os
+
+    from nnpre_detection.instances import LABEL_ENDINGS
+
+    for ending in LABEL_ENDINGS:
+        p = os.path.join(gt_folder, case + ending)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def check_prediction_geometry(predictions: dict, gt_folder: str, pred_source: str = "predictions") -> None:
+    """Refuse detection predictions made on another image grid than their ground truth.
+
+    Each prediction that records its image geometry (``nnPre_predict`` writes ``spacing``, ``origin``,
+    ``direction`` and ``shape``) is compared with the header of the ground-truth label image of the same case
+    (:func:`nnpre.image_io.geometry_difference`: shape exact, the rest with ``numpy.allclose``, as nnU-Net's
+    dataset check). A mismatch means the boxes (voxel indices) refer to another image, e.g. swapped cases or a
+    resampled input, and would be scored against the wrong objects. Ground truth given as ``*_boxes_gt.npz``
+    has no header and is not checked.
+    """
+    import os
+
+    from nnpre.image_io import geometry_difference, read_header
+
+    for case, pred in sorted(predictions.items()):
+        geo = pred.get("geometry")
+        if not geo:
+            continue
+        gt = _gt_label_file(gt_folder, case)
+        if gt is None:
+            continue
+        size, spacing, origin, direction = read_header(gt)
+        diff = geometry_difference((geo.get("shape"), geo.get("spacing"), geo.get("origin"), geo.get("direction")),
+                                   (size, spacing, origin, direction))
+        if diff:
+            fail(f"{os.path.join(pred_source, case + '.json')}: image geometry differs from the ground truth {gt} "
+                 f"({diff}); the prediction was made on another image (swapped case or resampled input): predict "
+                 f"the original image of case {case}")
+
+
+def check_segmentation_pairs(pairs: dict, allowed_labels=None, label_source: str = "dataset.json") -> None:
+    """Check predicted and reference label maps before nnU-Net's metrics run on them.
+
+    Args:
+        pairs: ``{case: (reference path, prediction path)}``.
+        allowed_labels: label values the dataset declares (dataset.json ``labels``, ignore label included);
+            None = any integer >= 0.
+        label_source: where ``allowed_labels`` came from, for the message.
+
+    Each file is read with :func:`nnpre.image_io.read_image` (truncated files, fractional / negative / undeclared
+    values); the prediction must have the reference's shape, spacing, origin and direction (nnU-Net's tolerance),
+    otherwise Dice compares voxels of two different grids (a doubled spacing would still score 1.0).
+    """
+    from nnpre.image_io import geometry, geometry_difference, read_image
+
+    for case, (ref, pred) in sorted(pairs.items()):
+        r = read_image(ref, kind="label", allowed_labels=allowed_labels, ndim=None, label_source=label_source)
+        p = read_image(pred, kind="label", allowed_labels=allowed_labels, ndim=None, label_source=label_source)
+        diff = geometry_difference(geometry(p), geometry(r))
+        if diff:
+            fail(f"{pred}: geometry differs from the reference {ref} ({diff}); predictions must be on the reference "
+                 f"image's grid (predict the original image, or resample with nearest neighbour onto it)")

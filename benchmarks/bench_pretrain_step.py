@@ -34,6 +34,18 @@ torch threads of the training process; the default 1 keeps CPU runs stable: with
 small machine every parallel region waits for a thread that a background worker (or another job) has
 displaced, and steps vary by 10x. On a GPU machine add ``--device cuda --threads 0`` (network compute on the
 GPU; the ResEnc-L 128³ comparison needs the default geometry: ``--preset gpu``).
+
+Faithful Models Genesis on the faithful geometry without a GPU: ``--corruption-only [--patch 128] [--batch 2]``
+measures, per sample and in this process (one thread, as one background worker), what a worker does for one
+faithful Models Genesis pair (official rates, 10,000-window local shuffle with p 0.5, Bézier, painting), for
+the brick approximation, and for nnU-Net's own supervised augmentation of a 128³ patch (``nnUNetTrainer.
+get_training_transforms``: spatial, noise, blur, brightness, contrast, low resolution, gamma, mirroring). With
+``W`` workers a loader produces ``W / (batch x seconds per sample)`` batches per second, so the faithful MG step
+stays <= 1.05 x the supervised step as long as ``W >= batch x seconds per sample / (1.05 x GPU step time)``
+(the network, patch and batch are the same as supervised; only the output channels differ). The GPU step time
+is *stated* (``--gpu-step-s``, several values), not measured here; the script prints the workers needed per
+value and whether nnU-Net's default of 12 workers (``get_allowed_n_proc_DA`` without a known hostname) is
+enough. Times measured on a loaded machine are upper bounds.
 """
 from __future__ import annotations
 
@@ -41,6 +53,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -49,6 +62,7 @@ import time
 import numpy as np
 
 TARGET_RATIO = 1.05
+NNUNET_DEFAULT_WORKERS = 12
 TARGET_SHARE = 0.95
 REFERENCE = "nnUNetTrainer supervised step"
 
@@ -163,8 +177,71 @@ def background_work(trainers: dict, repeats: int) -> dict:
     return out
 
 
+def _median_time(fn, n: int) -> tuple:
+    """(median, mean) seconds of ``n`` calls."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), float(np.mean(times))
+
+
+def corruption_only(patch: int, batch: int, samples: int, gpu_steps) -> int:
+    """Per-sample worker time of faithful Models Genesis vs nnU-Net's supervised augmentation; workers needed."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnpre_trainers.pretext.model_genesis import ModelGenesisConfig, model_genesis_pair
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, patch, patch, patch)).astype(np.float32)
+    rows = {}
+    for name, cfg in (("MG faithful (windows)", ModelGenesisConfig()),
+                      ("MG bricks (opt-in)", ModelGenesisConfig(local_shuffle="bricks"))):
+        model_genesis_pair(x, rng, cfg)
+        # the mean over samples is what matters for throughput (the shuffle runs in half of them)
+        rows[name] = _median_time(lambda: model_genesis_pair(x, rng, cfg), samples)[1]
+    tr = nnUNetTrainer.get_training_transforms(
+        [patch] * 3, (-30.0 / 360 * 2 * math.pi, 30.0 / 360 * 2 * math.pi), None, (0, 1, 2), False,
+        use_mask_for_norm=[False], foreground_labels=[1])
+    img = torch.from_numpy(rng.standard_normal((1, patch, patch, patch)).astype(np.float32))
+    seg = torch.from_numpy((rng.random((1, patch, patch, patch)) > 0.9).astype(np.int16))
+
+    def supervised():
+        with torch.no_grad():
+            tr(image=img.clone(), segmentation=seg.clone())
+
+    supervised()
+    rows["nnU-Net supervised DA"] = _median_time(supervised, samples)[1]
+    print(f"worker time per sample, {patch}^3, 1 thread, mean of {samples} samples (this machine; upper bounds "
+          f"when it is loaded):")
+    for name, t in rows.items():
+        print(f"  {name:24s} {t:7.3f} s/sample   {batch * t:7.3f} s per batch of {batch}")
+    print(f"workers needed so that the loader keeps up with a step <= {TARGET_RATIO} x the supervised GPU step "
+          f"(stated GPU step times, not measured here); nnU-Net default = {NNUNET_DEFAULT_WORKERS}:")
+    names = list(rows)
+    print("  " + f"{'GPU step (s)':>12s}" + "".join(f"{n:>26s}" for n in names))
+    for g in gpu_steps:
+        cells = []
+        for n in names:
+            w = math.ceil(batch * rows[n] / (TARGET_RATIO * g))
+            cells.append(f"{w:>3d} ({'ok' if w <= NNUNET_DEFAULT_WORKERS else 'more than 12'})")
+        print("  " + f"{g:>12.2f}" + "".join(f"{c:>26s}" for c in cells))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corruption-only", action="store_true",
+                    help="measure per-sample worker time of faithful Models Genesis at --patch and print the "
+                         "workers needed for stated GPU step times (no trainers, no GPU)")
+    ap.add_argument("--patch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=2, help="batch size for --corruption-only (nnU-Net default 2)")
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--gpu-step-s", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+                    help="stated GPU step times (s) for --corruption-only")
     ap.add_argument("--workers", type=int, default=1, help="nnUNet_n_proc_DA: background workers per train loader")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
@@ -175,6 +252,8 @@ def main() -> int:
     ap.add_argument("--preset", default="cpu-tiny")
     ap.add_argument("--quick", action="store_true", help="3 cases, 2 warm-up steps, 5 rounds")
     args = ap.parse_args()
+    if args.corruption_only:
+        return corruption_only(args.patch, args.batch, args.samples, args.gpu_step_s)
     if args.quick:
         args.cases, args.warmup, args.rounds = 3, 2, 5
     os.environ["nnUNet_n_proc_DA"] = str(args.workers)

@@ -70,7 +70,8 @@ def test_transfer_module_loads_pretrained_encoder_with_stem_remap():
     torch.manual_seed(0)
     src = unet_from("resenc", kw, in_ch=1).state_dict()
     plan = resenc_l_default().to_dict()
-    plan["architecture_plans"] = {"arch_class_name": RESENC, "arch_kwargs": kw, "arch_kwargs_requiring_import": REQ_IMPORT}
+    plan["architecture_plans"] = {"arch_class_name": RESENC, "arch_kwargs": kw,
+                                  "arch_kwargs_requiring_import": REQ_IMPORT}
     plan["pretrain_num_input_channels"] = 1
     ck = pretrained_from_dict({"network_weights": src, ADAPTATION_PLAN_KEY: plan})
     det = build_retina_unet(RESENC, kw, num_input_channels=2, num_classes=1, head_channels=16)

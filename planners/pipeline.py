@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from nnpre.atomic import writable_folder
 from nnpre.dataset_checks import check_dataset_contents, check_raw_dataset, check_target_geometry, retire_stale_splits
 from nnpre.errors import fail
 from nnpre.nnunet_env import dataset_id, dataset_name, require_env
@@ -78,6 +79,9 @@ def plan_dataset(dataset: str | int, planner: Optional[str] = None, preset: Opti
         fail(f"unknown planner '{planner}'; choose one of {', '.join(PLANNERS)}")
     if int(num_processes) < 1:
         fail(f"-np / num_processes must be >= 1, got {num_processes}")
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    writable_folder(os.path.join(nnUNet_preprocessed, name), "nnUNet_preprocessed:")
     check_target_geometry(info, geometry.spacing, geometry.patch_size)
     check_dataset_contents(info, num_processes=num_processes)
 

@@ -129,3 +129,16 @@ def test_errors_name_the_file(tmp_path):
     with pytest.raises(NnPreError, match="dataset name 'a b'"):
         import_image_folder(str(ok), raw, 2, name="a b")
     assert not os.path.isdir(raw) or not os.listdir(raw)  # nothing was written by the failed imports
+
+
+def test_truncated_nii_is_not_converted_into_a_complete_file(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _image(src / "a.nii", value=3.0)
+    p = _image(src / "b.nii", value=3.0)
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[: len(data) // 2])  # SimpleITK reads the missing half as zeros
+    raw = tmp_path / "raw"
+    with pytest.raises(NnPreError, match=r"b\.nii: truncated NIfTI file"):
+        import_image_folder(str(src), str(raw), 3)
+    assert not raw.exists() or not any(raw.iterdir())

@@ -251,6 +251,10 @@ def test_interrupted_preprocessing_leaves_no_partial_case_set(capsys, nnunet_roo
     os.remove(os.path.join(data, "c002.pkl"))
     with pytest.raises(NnPreError, match="incomplete: 1 of 3"):
         verify_preprocessed(data, 38)
+    from nnpre_trainers.run import make_trainer
+
+    with pytest.raises(NnPreError, match="re-run nnPre_plan -d 38"):  # checked when any trainer is built
+        make_trainer(object, 38, "nnPreResEncLPlans", fold=0)
     os.remove(os.path.join(data, COMPLETION_MARKER))
     with pytest.raises(NnPreError, match="numTraining 3"):
         verify_preprocessed(data, 38)

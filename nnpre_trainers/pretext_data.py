@@ -140,14 +140,14 @@ def seeded_global_rngs(seed: int):
 
     For third-party transforms (batchgeneratorsv2) that draw from the global generators.
     """
-    np_state, torch_state = np.random.get_state(), torch.random.get_rng_state()
-    np.random.seed(int(seed) % 2 ** 32)
-    torch.manual_seed(int(seed))
-    try:
-        yield
-    finally:
-        np.random.set_state(np_state)
-        torch.random.set_rng_state(torch_state)
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):  # CPU generator only: CUDA generators are never touched
+        torch.default_generator.manual_seed(int(seed))
+        np.random.seed(int(seed) % 2 ** 32)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
 
 
 def mirror_axes(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -14,9 +14,9 @@ Further checks, in the order ``nnPre_plan`` runs them (all before anything is wr
 * :func:`check_dataset_contents`: every image and label file read in full with :func:`nnpre.image_io.read_image`
   (truncated files, NaN/Inf voxels, fractional, negative or undeclared label values).
 
-After preprocessing, :func:`write_completion_marker` lists the preprocessed cases; :func:`verify_preprocessed`
-(called when a trainer is built) checks the folder against it, and :func:`retire_stale_splits` moves aside a
-``splits_final.json`` that names other cases than the preprocessed set.
+After preprocessing, :func:`write_completion_marker` lists the preprocessed cases and the data-relevant plan
+entries; :func:`verify_preprocessed` (called when a trainer is built) checks the folder against it, and
+:func:`retire_stale_splits` moves aside a ``splits_final.json`` that names other cases than the preprocessed set.
 """
 from __future__ import annotations
 
@@ -294,7 +294,8 @@ def verify_preprocessed(data_folder: str, dataset: str | int = "DATASET", plans:
     have been made with the same data-relevant plan entries (:func:`data_signature`; a re-plan with
     ``--no-preprocess`` or an interrupted re-plan leaves data of the old plans). Without a marker (stock
     ``nnUNetv2_preprocess``) the number of complete cases must equal ``numTraining`` of the preprocessed
-    ``dataset.json``. A ``splits_final.json`` naming other cases than the folder holds is an error too.
+    ``dataset.json``. (Whether ``splits_final.json`` matches these cases is checked by the trainer for the fold
+    it trains; ``nnPre_plan`` moves a mismatching one aside, :func:`retire_stale_splits`.)
     """
     fix = f"re-run nnPre_plan -d {dataset} (preprocessing is redone from scratch)"
     if not os.path.isdir(data_folder):
@@ -330,10 +331,6 @@ def verify_preprocessed(data_folder: str, dataset: str | int = "DATASET", plans:
         if not have or len(have) != n:
             fail(f"{data_folder} holds {len(have)} complete preprocessed case(s) but {dj_file} declares numTraining "
                  f"{n}; preprocessing was interrupted or is stale: {fix}")
-    splits = os.path.join(os.path.dirname(data_folder), "splits_final.json")
-    stale = _splits_mismatch(splits, have)
-    if stale:
-        fail(f"{splits} {stale}; delete it (nnU-Net then writes new splits) or {fix}")
     return sorted(have)
 
 

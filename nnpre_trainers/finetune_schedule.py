@@ -27,8 +27,8 @@ Parameter groups are selected **by name** (:func:`parameter_groups`), never with
 through ``decoder.encoder``. Frozen parameters must be kept out of the optimizer and have
 ``requires_grad=False`` (:func:`apply_stage`), so weight decay and momentum cannot move them.
 
-This module holds no trainer code; trainers call :meth:`FinetuneSchedule.stage_at`,
-:meth:`FinetuneSchedule.lr_at` and :func:`apply_stage` every iteration.
+This module holds no trainer code; :class:`nnpre_trainers.stage_controller.StageController` applies a
+schedule during training (:meth:`FinetuneSchedule.stage_at`, :meth:`FinetuneSchedule.lr_at`, :func:`apply_stage`).
 """
 from __future__ import annotations
 
@@ -123,6 +123,9 @@ class FinetuneSchedule:
         optimizer: ``"sgd"`` (nnU-Net, the default) or ``"adamw"`` (betas 0.9/0.999, same weight decay;
             used by the ``cpu-tiny`` preset, whose runs of a few hundred iterations are too short for SGD
             to leave the all-background solution on small lesions).
+        lr_step: the LR is recomputed every ``lr_step`` iterations (at multiples of it): 1 = every iteration
+            (fine-tuning); iterations per epoch = nnU-Net's ``PolyLRScheduler``, stepped once per epoch
+            (pretraining, :func:`pretrain_schedule`).
     """
 
     stages: Tuple[Stage, ...]
@@ -132,9 +135,12 @@ class FinetuneSchedule:
     nesterov: bool = True
     weight_decay: float = 3e-5
     optimizer: str = "sgd"
+    lr_step: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(self.stages))
+        if int(self.lr_step) < 1:
+            raise ValueError(f"lr_step must be >= 1, got {self.lr_step}")
         if self.total_iterations < 1:
             raise ValueError(f"total_iterations must be >= 1, got {self.total_iterations}")
         if not self.stages:
@@ -173,7 +179,9 @@ class FinetuneSchedule:
         return len(self.stages) - 1, self.stages[-1]
 
     def lr_at(self, iteration: int) -> float:
-        """LR at 0-based ``iteration`` (see the module docstring for the formulas)."""
+        """LR at 0-based ``iteration`` (see the module docstring for the formulas; ``lr_step`` > 1 holds the LR
+        of the last multiple of ``lr_step``)."""
+        iteration = (iteration // int(self.lr_step)) * int(self.lr_step)
         idx, stage = self.stage_at(iteration)
         start, end = self.boundaries()[idx]
         length = max(end - start, 1)
@@ -257,6 +265,20 @@ def default_schedule(total_iterations: int, pretrained: bool = True, base_lr: Op
     )
 
 
+def pretrain_schedule(total_iterations: int, iterations_per_epoch: int, base_lr: float = SCRATCH_LR,
+                      optimizer: str = "sgd") -> FinetuneSchedule:
+    """nnU-Net's default optimisation as a one-stage schedule (what pretraining uses).
+
+    ``nnUNetTrainer.configure_optimizers``: SGD (momentum 0.99, Nesterov, weight decay 3e-5) over the whole
+    network, ``PolyLRScheduler`` with lr ``base_lr · (1 − epoch / epochs)^0.9`` stepped at every epoch start:
+    here a poly stage without warm-up whose LR is recomputed every ``iterations_per_epoch`` iterations
+    (identical values at every epoch start).
+    """
+    return FinetuneSchedule(stages=(Stage("whole_network", None, ALL_GROUPS, LRRule(warmup=0)),),
+                            total_iterations=total_iterations, base_lr=base_lr, optimizer=optimizer,
+                            lr_step=max(1, int(iterations_per_epoch)))
+
+
 SCHEDULES = {
     "dkfz": lambda total, **kw: default_schedule(total, pretrained=True, **kw),
     "scratch": lambda total, **kw: default_schedule(total, pretrained=False, **kw),
@@ -312,14 +334,20 @@ def parameter_groups(network: nn.Module, remapped_stem: bool) -> Dict[str, List[
     return groups
 
 
-def apply_stage(groups: Dict[str, List[Tuple[str, nn.Parameter]]], stage: Stage) -> List[nn.Parameter]:
+def apply_stage(groups: Dict[str, List[Tuple[str, nn.Parameter]]], stage: Stage,
+                keep_requires_grad: bool = False) -> List[nn.Parameter]:
     """Set ``requires_grad`` for ``stage`` (True for its groups, False elsewhere) and return the trainable
-    parameters — pass exactly these to the optimizer so frozen tensors see no weight decay or momentum."""
+    parameters — pass exactly these to the optimizer so frozen tensors see no weight decay or momentum.
+
+    ``keep_requires_grad`` (DDP): leave every parameter's ``requires_grad`` True (DDP fixes its parameter set at
+    wrap time); frozen parameters are then only kept out of the optimizer, so neither the step, momentum nor
+    weight decay touches them.
+    """
     trainable: List[nn.Parameter] = []
     for g, items in groups.items():
         on = g in stage.trains
         for _, p in items:
-            p.requires_grad_(on)
+            p.requires_grad_(on or keep_requires_grad)
             if on:
                 trainable.append(p)
             else:

@@ -35,6 +35,7 @@ def make_trainer(trainer_class: Type, dataset: str | int, plans_name: str = "nnP
 
     ``preset``/``epochs``/``iterations`` override the training length recorded in the plans.
     """
+    check_length(epochs, iterations)
     require_env("nnUNet_preprocessed", "nnUNet_results")
     from nnunetv2.paths import nnUNet_preprocessed
 
@@ -50,13 +51,10 @@ def make_trainer(trainer_class: Type, dataset: str | int, plans_name: str = "nnP
     data_folder = os.path.join(folder, plans["configurations"][configuration]["data_identifier"])
     if not os.path.isdir(data_folder):
         fail(f"{data_folder} is missing; run nnPre_plan -d {dataset} without --no-preprocess")
-    from nnpre.dataset_checks import verify_preprocessed
-
-    verify_preprocessed(data_folder, dataset, plans=plans, configuration=configuration)  # complete and current
     with open(os.path.join(folder, "dataset.json")) as f:
         dataset_json = json.load(f)
     plans["continue_training"] = bool(continue_training)
-    fold = fold if fold == "all" else int(fold)
+    fold = parse_fold(fold)
     trainer = trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
                             device=pick_device(device))
     if preset is not None:
@@ -70,6 +68,26 @@ def make_trainer(trainer_class: Type, dataset: str | int, plans_name: str = "nnP
     if iterations is not None:
         trainer.num_iterations_per_epoch = int(iterations)
     return trainer
+
+
+def check_length(epochs: Optional[int], iterations: Optional[int]) -> None:
+    """``--epochs`` / ``--iterations`` must be >= 1 (0 or negative: one-line error, before anything is written)."""
+    for flag, v in (("--epochs", epochs), ("--iterations", iterations)):
+        if v is not None and int(v) < 1:
+            fail(f"{flag} must be >= 1, got {v}")
+
+
+def parse_fold(fold: str | int) -> str | int:
+    """``-f``: ``'all'`` or a fold number >= 0 (whether the split has it is checked when training starts)."""
+    if str(fold) == "all":
+        return "all"
+    try:
+        f = int(str(fold))
+    except ValueError:
+        fail(f"-f expects a fold number (0-4 for nnU-Net's 5-fold split) or 'all', got '{fold}'")
+    if f < 0:
+        fail(f"-f expects a fold number >= 0 or 'all', got {f}")
+    return f
 
 
 def maybe_resume(trainer) -> Optional[str]:

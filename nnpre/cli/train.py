@@ -26,17 +26,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, default=None, help="iterations per epoch")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--c", dest="resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train again from scratch into a run folder whose run has finished (checkpoint_final.pth)")
     p.add_argument("--seed", type=int, default=12345)
     add_root_argument(p)
 
 
+def _pretext_choices():
+    from nnpre_trainers.aliases import pretext_choices
+
+    return pretext_choices()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nnPre_train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("pretrain", help="self-supervised pretraining on images only")
     _common(pre)
-    pre.add_argument("-t", "--task", required=True, help="pretext task: mae, mg (Model Genesis) or diffusion")
+    pre.add_argument("-t", "--task", required=True,
+                     help="pretext task: " + ", ".join(_pretext_choices()) + " (every registered task)")
     pre.add_argument("--set", dest="pretext_config", action="append", default=[], metavar="KEY=VALUE",
                      help="override a pretext hyperparameter, e.g. --set mask_ratio=0.6 (repeatable)")
     ft = sub.add_parser("finetune", help="segmentation fine-tuning from a pretrained encoder (or from scratch)")
@@ -65,44 +75,50 @@ def _parse_value(v: str):
 
 def run(args: argparse.Namespace) -> int:
     apply_root(args)
-    import torch
-
     from nnpre.errors import fail
-    from nnpre_trainers.base import ddp_setup_from_env
     from nnpre_trainers.run import make_trainer, maybe_resume, resolve_plans_name
+    from nnpre_trainers.trainer import ddp_setup_from_env
 
-    torch.manual_seed(args.seed)
     ddp_setup_from_env()
     plans = resolve_plans_name(args.plans)
     common = dict(dataset=args.dataset, plans_name=plans, configuration=args.configuration, device=args.device,
                   continue_training=args.resume, preset=args.preset, epochs=args.epochs, iterations=args.iterations)
     if args.command == "pretrain":
-        from nnpre_trainers.aliases import PRETRAIN_TRAINERS
+        from nnpre_trainers.aliases import pretrain_trainer, resolve_pretext
 
-        if args.task not in PRETRAIN_TRAINERS:
-            fail(f"unknown pretext task '{args.task}'; choose one of: mae, mg, diffusion")
-        trainer = make_trainer(PRETRAIN_TRAINERS[args.task], fold=args.fold or "all", **common)
+        task = resolve_pretext(args.task)
         overrides = {}
         for kv in args.pretext_config:
             if "=" not in kv:
                 fail(f"--set expects KEY=VALUE, got '{kv}'")
             k, v = kv.split("=", 1)
             overrides[k] = _parse_value(v)
+        trainer = make_trainer(pretrain_trainer(task), fold=args.fold or "all", **common)
         if overrides:
-            trainer.set_pretext(trainer.pretext_name, **overrides)
+            trainer.set_pretext(task, **overrides)
         trainer.seed = args.seed
     elif args.command == "finetune":
-        from nnpre_trainers.finetune_trainer import nnPreFineTuneTrainer
+        from nnpre_trainers.aliases import nnPreFineTuneTrainer
 
         trainer = make_trainer(nnPreFineTuneTrainer, fold=args.fold or 0, **common)
         trainer.configure_finetuning(pretrained=args.pretrained, from_scratch=args.from_scratch,
                                      num_train_cases=args.num_train_cases, fraction=args.fraction)
+        trainer.seed = args.seed
     else:
-        from nnpre_detection.trainer import nnPreDetectionTrainer
+        from nnpre_trainers.aliases import nnPreDetectionTrainer
 
         trainer = make_trainer(nnPreDetectionTrainer, fold=args.fold or 0, **common)
         trainer.configure_detection(pretrained=args.pretrained, num_train_cases=args.num_train_cases)
+        trainer.seed = args.seed
+    trainer.overwrite = bool(args.overwrite)
     if args.resume:
+        from nnpre_trainers.run_folder import finished_checkpoint
+
+        done = finished_checkpoint(trainer.output_folder, trainer.num_epochs)
+        if done:
+            print(f"already finished: {done} ({trainer.num_epochs} epochs); nothing to do (pass more --epochs "
+                  f"to continue, or --overwrite without --c to train again)")
+            return 0
         maybe_resume(trainer)
     trainer.run_training()
     if args.command == "finetune" and not args.no_validation:

@@ -1,10 +1,7 @@
 """Re-exports nnpre's named trainers for nnU-Net's ``nnUNet_extTrainer`` lookup (absolute imports only).
 
-``nnUNetv2_train ... -tr NAME`` finds any class below: the pretraining aliases (``nnPreTrainer_MAE``,
-``nnPreTrainer_MG``, ``nnPreTrainer_Diffusion``), ``nnPreFineTuneTrainer`` (pretrained checkpoint from the
-``nnPre_pretrained`` environment variable) and ``nnPreDetectionTrainer``.
+``nnUNetv2_train ... -tr NAME`` finds every class of :mod:`nnpre_trainers.aliases`: one pretraining alias per
+registered pretext task (``nnPreTrainer_MAE``, ``nnPreTrainer_MG``, ``nnPreTrainer_Diffusion``, ...),
+``nnPreFineTuneTrainer`` and ``nnPreDetectionTrainer`` (both from scratch under stock nnU-Net).
 """
-from nnpre_detection.trainer import nnPreDetectionTrainer  # noqa: F401
 from nnpre_trainers.aliases import *  # noqa: F401,F403
-from nnpre_trainers.aliases import nnPreTrainer_Diffusion, nnPreTrainer_MAE, nnPreTrainer_MG  # noqa: F401
-from nnpre_trainers.finetune_trainer import nnPreFineTuneTrainer  # noqa: F401

@@ -195,3 +195,27 @@ def _check_pretrained(plans, did, tmp_path):
     trained = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in trained for n, p in t.unwrapped_network.named_parameters() if n.startswith("encoder."))
     assert any(id(p) in trained for n, p in t.unwrapped_network.named_parameters() if n.startswith("classifier."))
+
+
+def test_detection_same_seed_bit_identical_on_cpu(nnunet_root):
+    from nnpre_testdata import write_raw_dataset
+
+    from nnpre_detection.trainer import nnPreDetectionTrainer
+    from nnpre_trainers.run import make_trainer
+    from planners.pipeline import plan_dataset
+
+    write_raw_dataset(nnunet_root, did=48, n_cases=3)
+    plan_dataset(48, preset="cpu-tiny", num_processes=1)
+    sds = []
+    for run in range(2):
+        np.random.seed(run)
+        torch.manual_seed(run)
+        t = make_trainer(nnPreDetectionTrainer, 48, "nnPreResEncLPlans", fold="all", device="cpu", epochs=2,
+                         iterations=3)
+        t.num_val_iterations_per_epoch = 1
+        t.show_progress = False
+        t.configure_detection(tag=f"det{run}", head_channels=8)
+        t.seed = 3
+        t.run_training()
+        sds.append({k: v.clone() for k, v in t.unwrapped_network.state_dict().items()})
+    assert all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])

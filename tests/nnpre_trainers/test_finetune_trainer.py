@@ -84,7 +84,13 @@ def test_finetune_stages_and_resume(nnunet_root, tmp_path):
     # resume across the stage boundary
     t2 = _make(nnPreFineTuneTrainer, 41, continue_training=True)
     t2.configure_finetuning(pretrained=ckpt, schedule=sched, tag="test")
+
+    def no_second_transfer(*a, **k):
+        raise AssertionError("--c re-ran the encoder transfer")
+
+    t2.transfer.apply = no_second_transfer
     assert maybe_resume(t2) == latest
+    assert t2.transfer_record["loaded"] and t2.transfer_record["checkpoint"] == ckpt
     assert t2.current_epoch == 1 and t2.stage_index == 0
     t2.run_training()
     assert t2.stage_index == 1
@@ -125,7 +131,31 @@ def test_from_scratch_and_few_labels(nnunet_root):
 def test_pretrained_run_folder_tag():
     from nnpre_trainers.finetune_trainer import pretrained_tag
 
-    assert pretrained_tag("/r/Dataset502_P/nnPreTrainer_MAE__nnPreResEncLPlans__3d_fullres/fold_all/checkpoint_final.pth") \
-        == "nnPreTrainer_MAE"
+    run = "/r/Dataset502_P/nnPreTrainer_MAE__nnPreResEncLPlans__3d_fullres"
+    assert pretrained_tag(run + "/fold_all/checkpoint_final.pth") == "nnPreTrainer_MAE"
     assert pretrained_tag("/tmp/x/openmind mae.pth") == "openmind_mae"
     assert pretrained_tag("/tmp/x/checkpoint_final.pth") == "checkpoint_final"
+
+
+def test_same_seed_bit_identical_on_cpu(nnunet_root):
+    """Two fine-tuning runs with the same seed give identical weights (loaders, augmentation and init seeded)."""
+    import numpy as np
+    from nnpre_testdata import write_raw_dataset
+
+    from nnpre_trainers.finetune_trainer import nnPreFineTuneTrainer
+
+    write_raw_dataset(nnunet_root, did=43, n_cases=3)
+    plan_dataset(43, preset="cpu-tiny", num_processes=1)
+    sds = []
+    for run in range(2):
+        np.random.seed(run)  # global RNG states differ between the runs and must not matter
+        torch.manual_seed(run)
+        t = _make(nnPreFineTuneTrainer, 43)
+        t.num_epochs = 2
+        t.num_iterations_per_epoch = 3
+        t.configure_finetuning(from_scratch=True, tag=f"det{run}")
+        t.seed = 7
+        t.run_training()
+        sds.append({k: v.clone() for k, v in t.unwrapped_network.state_dict().items()})
+        assert t.stages.switches == [(0, 0)]  # one stage, one optimizer
+    assert all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])

@@ -102,8 +102,8 @@ def test_ddp_gloo_two_processes(pool):
            "--device", "cpu", "-f", "all"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-1500:] + out.stderr[-3000:]
-    folder = os.path.join(os.environ["nnUNet_results"], "Dataset051_T", "nnPreTrainer_MAE__nnPreResEncLPlans__3d_fullres",
-                          "fold_all")
+    folder = os.path.join(os.environ["nnUNet_results"], "Dataset051_T",
+                          "nnPreTrainer_MAE__nnPreResEncLPlans__3d_fullres", "fold_all")
     assert os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
     assert "world size is 2" in (out.stdout + out.stderr).lower().replace("the world size", "world size")
 
@@ -116,8 +116,8 @@ def test_stock_nnunetv2_train_finds_our_trainer(pool):
     out = subprocess.run([exe, "51", "3d_fullres", "all", "-p", "nnPreResEncLPlans", "-tr", "nnPreTrainer_MG",
                           "-device", "cpu"], env=env, capture_output=True, text=True, timeout=500)
     assert out.returncode == 0, out.stdout[-1500:] + out.stderr[-3000:]
-    folder = os.path.join(os.environ["nnUNet_results"], "Dataset051_T", "nnPreTrainer_MG__nnPreResEncLPlans__3d_fullres",
-                          "fold_all")
+    folder = os.path.join(os.environ["nnUNet_results"], "Dataset051_T",
+                          "nnPreTrainer_MG__nnPreResEncLPlans__3d_fullres", "fold_all")
     assert os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
 
 

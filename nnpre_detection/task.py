@@ -1,0 +1,148 @@
+"""Retina U-Net detection as a :class:`~nnpre_trainers.tasks.base.TrainingTask` (``nnPre_train detect``).
+
+* network: :func:`nnpre_detection.retina_unet.build_retina_unet` from the plans' architecture entry, one
+  detection class per nnU-Net foreground label (label ``v`` → class ``v - 1``); anchor sizes are fitted to the
+  fold's training boxes with :func:`nnpre_detection.anchors.plan_anchors` (as nnDetection's planner does),
+  with the level strides read from the plans' ``arch_kwargs['strides']`` (no network is built to find them);
+* data: nnU-Net's loaders and augmentation with deep supervision off, plus
+  :class:`~nnpre_detection.targets.BoxTargetsTransform` as the last transform: each (X, Y, Z) seg patch becomes
+  instances (26-connected components) and boxes (nnDetection ``min - 1`` / ``max + 1``) in the loader workers;
+* loss: the detector's loss dict (``loss`` = classification + regression + segmentation parts);
+* validation: mean validation loss per epoch (no Dice); ``checkpoint_best`` = lowest validation loss.
+
+Checkpoints carry ``nnpre_detection`` (number of classes, anchor sizes, detector config, plans, dataset.json,
+configuration name) so :mod:`nnpre_detection.inference` rebuilds the model from the checkpoint alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from nnpre.presets import preset_from_plans
+from nnpre_detection.anchors import AnchorPlan, plan_anchors, relative_level_factors
+from nnpre_detection.retina_unet import RetinaUNetConfig, build_retina_unet, default_decoder_levels
+from nnpre_detection.targets import BoxTargetsTransform, targets_from_batch, targets_from_seg
+from nnpre_trainers.tasks.base import TaskContext, TrainingTask
+from nnpre_trainers.train_step import autocast_for
+
+
+def detection_level_strides(arch_kwargs: dict, decoder_levels: Optional[Sequence[int]] = None
+                            ) -> Tuple[List[Tuple[int, ...]], Tuple[int, ...]]:
+    """Per-stage strides and the detection levels of the Retina U-Net built from ``arch_kwargs``.
+
+    Args:
+        arch_kwargs: the plans' ``network_arch_init_kwargs`` (``strides``: per stage an int or per-axis list;
+            ``n_stages``).
+        decoder_levels: explicit levels (:class:`RetinaUNetConfig`), or None for nnDetection's rule.
+
+    Returns:
+        (strides as per-axis tuples, detection levels) — what :func:`build_retina_unet` uses.
+    """
+    n = int(arch_kwargs["n_stages"])
+    strides = [tuple(int(v) for v in s) if isinstance(s, (list, tuple)) else (int(s),) * 3
+               for s in arch_kwargs["strides"]][:n]
+    levels = tuple(int(v) for v in decoder_levels) if decoder_levels is not None else default_decoder_levels(n)
+    return strides, levels
+
+
+class DetectionTask(TrainingTask):
+    """Train a Retina U-Net (see the module doc).
+
+    Args:
+        plan_anchors: fit anchor sizes to the training boxes (nnDetection does); False = nnDetection's initial
+            sizes (4, 8, 16) per axis scaled per level.
+        anchor_sizes: explicit :class:`AnchorPlan` (skips planning).
+        **detector_overrides: :class:`~nnpre_detection.retina_unet.RetinaUNetConfig` fields; ``head_channels``
+            defaults to the preset's ``detector_head_channels`` when it sets one.
+    """
+
+    name = "detection"
+    recipe = "finetune"
+    needs_labels = True
+
+    def __init__(self, plan_anchors: bool = True, anchor_sizes: Optional[AnchorPlan] = None, **detector_overrides):
+        RetinaUNetConfig().with_overrides(**detector_overrides)  # unknown options: one-line error now
+        self.plan_anchors = bool(plan_anchors)
+        self.anchor_sizes = anchor_sizes
+        self.detector_overrides: Dict[str, Any] = dict(detector_overrides)
+
+    # -- model -------------------------------------------------------------------------------------------
+    def training_boxes(self, ctx: TaskContext) -> np.ndarray:
+        """(N, 6) boxes of every instance in the fold's training cases (preprocessed voxel space)."""
+        boxes = [targets_from_seg(torch.as_tensor(np.asarray(seg))[None])[0]["boxes"].numpy().reshape(-1, 6)
+                 for _, seg in ctx.training_cases()]
+        return np.concatenate(boxes) if boxes else np.zeros((0, 6), dtype=np.float32)
+
+    def planned_anchor_sizes(self, ctx: TaskContext) -> Optional[AnchorPlan]:
+        boxes = self.training_boxes(ctx)
+        if boxes.shape[0] == 0:
+            ctx.log("no training boxes: using nnDetection's default anchor sizes")
+            return None
+        strides, levels = detection_level_strides(ctx.configuration_manager.network_arch_init_kwargs,
+                                                  self.detector_overrides.get("decoder_levels"))
+        plan = plan_anchors(boxes, relative_level_factors(strides, levels))
+        ctx.log(f"anchor sizes planned from {boxes.shape[0]} training boxes: {plan.sizes_per_level()[0]}")
+        return plan
+
+    def build_network(self, ctx: TaskContext) -> nn.Module:
+        cm = ctx.configuration_manager
+        head = preset_from_plans(ctx.plans_manager.plans).detector_head_channels
+        if head is not None and "head_channels" not in self.detector_overrides:
+            self.detector_overrides["head_channels"] = int(head)  # preset-scaled towers (see nnpre.presets)
+        if self.anchor_sizes is None and self.plan_anchors:
+            self.anchor_sizes = self.planned_anchor_sizes(ctx)
+        return build_retina_unet(cm.network_arch_class_name, cm.network_arch_init_kwargs, ctx.num_input_channels,
+                                 max(1, len(ctx.label_manager.foreground_labels)), anchor_sizes=self.anchor_sizes,
+                                 arch_kwargs_req_import=cm.network_arch_init_kwargs_req_import,
+                                 **self.detector_overrides)
+
+    def get_dataloaders(self, trainer, train_keys: List[str], val_keys: List[str]):
+        """nnU-Net's loaders with the box targets computed in the workers (:class:`BoxTargetsTransform`)."""
+        return trainer.nnunet_loaders(train_keys, val_keys, extra_transforms=[BoxTargetsTransform()])
+
+    def prepare_batch(self, batch: dict, device: torch.device):
+        data = batch["data"].to(device, non_blocking=device.type == "cuda")
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets_from_batch(batch["target"])]
+        return data, targets
+
+    def compute_losses(self, network: nn.Module, inputs) -> Dict[str, Tensor]:
+        data, targets = inputs
+        network.train()  # matching and sampling need training mode
+        return dict(network(data, targets))
+
+    def validation_step(self, trainer, batch: dict) -> dict:
+        # the loss needs training mode (matching/sampling); no_grad is set by the caller, and nnU-Net's
+        # InstanceNorm keeps no running statistics that training mode would change.
+        inputs = self.prepare_batch(batch, trainer.device)
+        with autocast_for(trainer.device):
+            losses = self.compute_losses(trainer.network, inputs)
+        return {"loss": float(losses["loss"].detach().float().cpu())}
+
+    def final_validation(self, trainer, save_probabilities: bool = False) -> None:
+        trainer.print_to_log_file("detection: no segmentation validation; run nnPre_predict + nnPre_evaluate")
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def checkpoint_extras(self, trainer) -> Dict[str, Any]:
+        from nnpre_trainers.trainer import to_plain
+
+        net = trainer.unwrapped_network
+        cm = trainer.configuration_manager
+        return {"nnpre_detection": to_plain({
+            "num_classes": int(net.num_classes),
+            "num_input_channels": int(trainer.num_input_channels),
+            "anchor_sizes": [[list(map(float, axis)) for axis in lvl] for lvl in net.anchor_generator.sizes_per_level],
+            "config": dataclasses.asdict(net.config),
+            "arch_class_name": cm.network_arch_class_name,
+            "arch_kwargs": cm.network_arch_init_kwargs,
+            "arch_kwargs_req_import": list(cm.network_arch_init_kwargs_req_import),
+            "configuration": trainer.configuration_name,
+            "plans": trainer.plans_manager.plans,
+            "dataset_json": trainer.dataset_json,
+        })}
+
+
+__all__ = ["DetectionTask", "detection_level_strides", "targets_from_seg"]

@@ -40,7 +40,6 @@ from nnpre.synthetic.geometry import Range
 __all__ = ["Range", "SynthConfig", "SYNTH_PRESETS", "get_synth_config"]
 
 
-
 @dataclass(frozen=True)
 class SynthConfig:
     """Knobs of the generator (all physical sizes in mm, intensities in HU).

@@ -43,7 +43,6 @@ def test_spacing_ranges_shapes_and_variation():
     assert len({c.origin for c in cases}) == len(cases)
 
 
-
 def test_easy_preset_is_high_contrast():
     cfg = get_synth_config("easy", fov_mm=64.0)
     stats = [s for k in range(3) for s in _ring_stats(synthesize_case(case_rng(0, STREAM_TRAIN, k), cfg))]

@@ -36,6 +36,7 @@ from nnpre_detection.metrics.validate import (
     check_prediction,
     check_prediction_geometry,
     check_segmentation_pairs,
+    check_semantic_labels_declared,
 )
 
 HEADLINE_KEYS = ("AP_IoU_0.10_MaxDet_100", "mAP_IoU_0.10_0.50_0.05_MaxDet_100", "FROC_score_IoU_0.10")
@@ -207,6 +208,7 @@ def evaluate_detection(
     Returns:
         The report (JSON-ready: NaN/inf as None).
     """
+    check_semantic_labels_declared(gt_folder, dataset_json)  # label values dataset.json does not declare
     classes = resolve_classes(num_classes, dataset_json, gt_folder)
     semantic = None if classes is None else classes.semantic_labels
     gt = load_ground_truth(gt_folder, min_size=min_size, semantic_classes=semantic)

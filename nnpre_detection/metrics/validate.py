@@ -203,3 +203,40 @@ def check_segmentation_pairs(pairs: dict, allowed_labels=None, label_source: str
         if diff:
             fail(f"{pred}: geometry differs from the reference {ref} ({diff}); predictions must be on the reference "
                  f"image's grid (predict the original image, or resample with nearest neighbour onto it)")
+
+
+def check_semantic_labels_declared(gt_folder: str, dataset_json: Optional[str] = None) -> None:
+    """nnU-Net semantic ground truth must hold only the label values its ``dataset.json`` declares.
+
+    Without this, a value missing from ``labels`` (e.g. 5 when the dataset has background 0 and lesion 1) would
+    silently not become an object. Applies to label images without an nnDetection ``case.json`` next to them,
+    when an nnU-Net v2 dataset.json (``"background": 0``) is given or found in ``gt_folder`` or its parent;
+    every such file is read with :func:`nnpre.image_io.read_image` (truncated, negative, fractional values too).
+    """
+    import json
+    import os
+
+    from nnpre.image_io import allowed_label_values, read_image
+    from nnpre_detection.instances import LABEL_ENDINGS
+    from nnpre_detection.metrics.classes import find_dataset_json
+
+    if not os.path.isdir(gt_folder):
+        return
+    path = dataset_json or find_dataset_json(gt_folder)
+    if path is None:
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            labels = json.load(f)["labels"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # reported by the class lookup
+    if not isinstance(labels, dict) or labels.get("background") != 0:
+        return  # nnDetection dataset.json: classes, not label values
+    allowed = allowed_label_values(labels)
+    names = sorted(os.listdir(gt_folder))
+    jsons = {n[: -len(".json")] for n in names if n.endswith(".json")}
+    for name in names:
+        ending = next((e for e in LABEL_ENDINGS if name.endswith(e)), None)
+        if ending is None or name.startswith(".") or name[: -len(ending)] in jsons:
+            continue
+        read_image(os.path.join(gt_folder, name), kind="label", allowed_labels=allowed, ndim=None, label_source=path)

@@ -212,6 +212,10 @@ DET_CASES = {
     "swapped cases": (lambda gt, pred: (_edit_json(pred / "c0.json", spacing=[1.0, 1.0, 2.0], origin=[5.0, 0, 0]),
                                         _edit_json(pred / "c1.json", spacing=[1.0, 1.0, 1.0], origin=[0, 0, 0])),
                       "c0.json", "swapped case"),
+    "label not in dataset.json": (lambda gt, pred: (
+        (gt.parent / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "lesion": 1},
+                                                            "file_ending": ".nii.gz"})),
+        _relabel(gt / "c0.nii.gz", lambda a: a.__setitem__((7, 7, 7), 5))), "c0.nii.gz", "[5] are not declared"),
     "JSON list": (lambda gt, pred: (pred / "c1.json").write_text(json.dumps([{"boxes": []}])), "c1.json",
                   "JSON list"),
     "truncated ground truth": (lambda gt, pred: _halve(gt / "c1.nii.gz"), "c1.nii.gz",

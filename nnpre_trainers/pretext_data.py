@@ -28,7 +28,6 @@ fixed seed and worker count.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import multiprocessing
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -39,6 +38,7 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from batchgenerators.dataloading.data_loader import DataLoader
 
 from nnpre.errors import fail
+from nnpre_trainers.pretext.rng import seeded_global_rngs
 
 
 class PretextPatchLoader(DataLoader):
@@ -132,22 +132,6 @@ NNSSL_SCALING = (0.7, 1.4)
 NNSSL_P_ROTATION = 0.2
 NNSSL_P_SCALING = 0.2
 NNSSL_INITIAL_SCALE_RANGE = (0.85, 1.25)
-
-
-@contextlib.contextmanager
-def seeded_global_rngs(seed: int):
-    """Run a block with numpy's and torch's *global* generators seeded from ``seed``, restoring both after.
-
-    For third-party transforms (batchgeneratorsv2) that draw from the global generators.
-    """
-    np_state = np.random.get_state()
-    with torch.random.fork_rng(devices=[]):  # CPU generator only: CUDA generators are never touched
-        torch.default_generator.manual_seed(int(seed))
-        np.random.seed(int(seed) % 2 ** 32)
-        try:
-            yield
-        finally:
-            np.random.set_state(np_state)
 
 
 def mirror_axes(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -18,11 +18,17 @@ Per sample (the loader crops a region of ``region_size``, nnssl's 256×256×64 "
   ``-log(1 - |overlap - s| + 1e-6)`` weighted by the overlap over overlapping pairs plus ``s²`` over
   non-overlapping pairs; regulariser = mean ``relu(cos)`` over pairs of base crops of a sample.
 
+* **crop augmentation** (``crop_augment``): nnssl's ``VocoTransform`` list, built from the same
+  batchgenerators transforms with the same parameters, applied to every base and target crop: Gaussian noise
+  (p 0.1), Gaussian blur (σ 0.5-1, p 0.2, per channel 0.5), multiplicative brightness (0.75-1.25, p 0.15),
+  contrast (p 0.15), low-resolution simulation (zoom 0.5-1, p 0.1), gamma with inversion (0.7-1.5, p 0.1)
+  and without (p 0.3), mirroring of each axis, 90° rotation in (X, Y) (p 0.3). They draw from numpy's global
+  generator, so they run seeded from the task's generator with the global state restored
+  (:func:`nnpre_trainers.pretext.rng.seeded_global_rngs`).
+
 Deviations (README table): the head's norm is ``LayerNorm`` without affine — what nnssl's
 ``InstanceNorm1d(affine=False)`` computes on a (N, features) input (normalises each row over its features);
-the per-crop augmentation keeps nnssl's mirroring (each axis, p 0.5) and 90° rotation in the (X, Y) plane
-(batchgenerators ``Rot90Transform`` defaults: p 0.3, 1-3 quarter turns), drawn from the task's generator,
-but not its intensity augmentations (noise, blur, brightness, contrast, low resolution, gamma);
+the 90° rotation is left out when the crop is not square in (X, Y) (nnssl's crops are cubes);
 nnssl does not clip gradients for VoCo, nnpre's trainer clips at 12 for every task.
 """
 from __future__ import annotations
@@ -31,13 +37,21 @@ import itertools
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nnpre.errors import fail
-from nnpre_trainers.pretext.base import CONDITIONING_ATTR, PretextSample, PretextTask, check_image, unwrap_network
+from nnpre_trainers.pretext.base import (
+    CONDITIONING_ATTR,
+    PretextSample,
+    PretextTask,
+    check_image,
+    unwrap_network,
+)
 from nnpre_trainers.pretext.registry import register_pretext
+from nnpre_trainers.pretext.rng import seeded_global_rngs
 
 
 @dataclass(frozen=True)
@@ -51,7 +65,7 @@ class VoCoConfig:
         num_target_crops: random crops per sample. nnssl 4.
         pred_weight, reg_weight: loss weights. nnssl 1, 1.
         hidden_dim, embed_dim: projection head widths. nnssl 2048, 2048.
-        crop_augment: mirror / rotate each crop (see module docstring).
+        crop_augment: nnssl's per-crop augmentation (see module docstring).
     """
 
     region_size: Optional[Tuple[int, int, int]] = (256, 256, 64)
@@ -115,15 +129,34 @@ def overlap_ratios(target_starts: Tensor, crop_size: Sequence[int], boxes: Tenso
     return inter.float() / float(size.prod())
 
 
-def _augment_crop(crop: Tensor, generator: torch.Generator) -> Tensor:
-    """Mirror each spatial axis with p 0.5, then with p 0.3 rotate by 1-3 quarter turns in (X, Y) if square."""
-    flips = [a + 1 for a in range(3) if float(torch.rand((), generator=generator)) < 0.5]
-    if flips:
-        crop = crop.flip(flips)
-    if crop.shape[1] == crop.shape[2] and float(torch.rand((), generator=generator)) < 0.3:
-        k = int(torch.randint(1, 4, (), generator=generator))
-        crop = torch.rot90(crop, k, dims=(1, 2))
-    return crop
+def crop_augmentation(crop_size: Sequence[int]):
+    """nnssl ``VocoTransform``'s training augmentation (``aug="train"``) as a batchgenerators ``Compose``.
+
+    Applied to a (N, C, x, y, z) numpy batch of crops as ``compose(data=crops, seg=None)["data"]``; draws
+    from numpy's global generator (wrap in :func:`seeded_global_rngs`).
+    """
+    from batchgenerators.transforms.abstract_transforms import Compose
+    from batchgenerators.transforms.color_transforms import (
+        BrightnessMultiplicativeTransform,
+        ContrastAugmentationTransform,
+        GammaTransform,
+    )
+    from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
+    from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
+    from batchgenerators.transforms.spatial_transforms import MirrorTransform, Rot90Transform
+
+    ts = [GaussianNoiseTransform(p_per_sample=0.1),
+          GaussianBlurTransform((0.5, 1.0), different_sigma_per_channel=True, p_per_sample=0.2, p_per_channel=0.5),
+          BrightnessMultiplicativeTransform(multiplier_range=(0.75, 1.25), p_per_sample=0.15),
+          ContrastAugmentationTransform(p_per_sample=0.15),
+          SimulateLowResolutionTransform(zoom_range=(0.5, 1), per_channel=True, p_per_channel=0.5,
+                                         order_downsample=0, order_upsample=3, p_per_sample=0.1, ignore_axes=None),
+          GammaTransform((0.7, 1.5), True, True, retain_stats=True, p_per_sample=0.1),
+          GammaTransform((0.7, 1.5), False, True, retain_stats=True, p_per_sample=0.3),
+          MirrorTransform(axes=(0,)), MirrorTransform(axes=(1,)), MirrorTransform(axes=(2,))]
+    if int(crop_size[0]) == int(crop_size[1]):
+        ts.append(Rot90Transform(axes=(0, 1)))
+    return Compose(ts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,9 +257,13 @@ class VoCoTask(PretextTask):
                 crops.append(image[b, :, box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]])
             for s in starts[b].tolist():
                 crops.append(image[b, :, s[0]:s[0] + crop[0], s[1]:s[1] + crop[1], s[2]:s[2] + crop[2]])
-        if cfg.crop_augment:
-            crops = [_augment_crop(c, generator) for c in crops]
         inp = torch.stack(crops).contiguous()
+        if cfg.crop_augment:
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+            arr = inp.detach().to("cpu", torch.float32).numpy().copy()
+            with seeded_global_rngs(seed):
+                arr = crop_augmentation(crop)(data=arr, seg=None)["data"]
+            inp = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(image.device, image.dtype)
         return PretextSample(input=inp, target=overlaps.to(image.device), loss_mask=None,
                              extras={"target_starts": starts})
 

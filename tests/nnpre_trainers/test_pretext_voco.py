@@ -122,21 +122,35 @@ def test_step_head_and_transfer():
     assert not any(k.startswith("encoder.") for k in net.nnpre_conditioning.state_dict())
 
 
-def test_crop_augmentation_is_seeded_and_changes_crops():
-    task = get_pretext("voco", base_crops=(2, 2, 1), num_target_crops=2)
-    x = torch.randn(1, 1, 16, 16, 8)
+def test_crop_augmentation_is_nnssls_seeded_and_leaves_global_rng_alone():
+    import numpy as np
+
+    task = get_pretext("voco", base_crops=(2, 2, 1), num_target_crops=4)
+    plain = get_pretext("voco", base_crops=(2, 2, 1), num_target_crops=4, crop_augment=False)
+    x = torch.randn(50, 1, 16, 16, 8, generator=torch.Generator().manual_seed(0))
+    import random
+
+    np.random.seed(1)
+    random.seed(1)
+    before = (np.random.random(), random.random())
+    np.random.seed(1)
+    random.seed(1)
     a = task.corrupt(x, torch.Generator().manual_seed(5))
+    assert (np.random.random(), random.random()) == before  # batchgenerators ran on seeded, restored generators
     b = task.corrupt(x, torch.Generator().manual_seed(5))
-    assert torch.equal(a.input, b.input)
-    plain = get_pretext("voco", base_crops=(2, 2, 1), num_target_crops=2, crop_augment=False)
     c = plain.corrupt(x, torch.Generator().manual_seed(5))
-    assert torch.equal(a.target, c.target)
-    assert not torch.equal(a.input, c.input)
-    for i in range(a.input.shape[0]):  # every augmented crop is a flip + quarter turn of the plain one
+    assert torch.equal(a.input, b.input) and torch.equal(a.target, c.target)
+    # a crop keeps its intensities (only mirrored / rotated) when none of the intensity transforms fired:
+    # noise 0.9 x blur (0.2 x 0.5) 0.9 x brightness 0.85 x contrast 0.85 x low-res (0.1 x 0.5) 0.95 x gamma 0.9 x 0.7
+    p_plain = 0.9 * 0.9 * 0.85 * 0.85 * 0.95 * 0.9 * 0.7
+    kept = 0
+    for i in range(a.input.shape[0]):
         variants = [torch.rot90(c.input[i].flip(list(f)) if f else c.input[i], k, dims=(1, 2))
                     for f in itertools.chain.from_iterable(itertools.combinations((1, 2, 3), n) for n in range(4))
                     for k in range(4)]
-        assert any(torch.equal(a.input[i], v) for v in variants)
+        kept += any(torch.allclose(a.input[i], v, atol=1e-6) for v in variants)
+    n = a.input.shape[0]
+    assert abs(kept / n - p_plain) < 4.5 * (p_plain * (1 - p_plain) / n) ** 0.5, (kept, n, p_plain)
 
 
 def test_errors():

@@ -27,6 +27,8 @@ class StageController:
             called at every stage switch.
         keep_requires_grad: DDP runs (see :func:`~nnpre_trainers.finetune_schedule.apply_stage`).
         log: receives one line per stage switch.
+        may_train: optional rule on canonical parameter names (an adapter's ``is_trainable``): parameters it
+            rejects never train, whatever the stage (they are frozen and kept out of every optimizer).
 
     Attributes:
         stage_index: index of the current stage (None before :meth:`start`).
@@ -35,8 +37,9 @@ class StageController:
     """
 
     def __init__(self, schedule: FinetuneSchedule, groups: Callable[[], Groups], keep_requires_grad: bool = False,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, may_train: Optional[Callable[[str], bool]] = None):
         self.schedule = schedule
+        self.may_train = may_train
         self.groups = groups
         self.keep_requires_grad = bool(keep_requires_grad)
         self.log = log
@@ -74,7 +77,15 @@ class StageController:
 
     def _build(self, index: int, iteration: int) -> None:
         stage = self.schedule.stages[index]
-        trainable = apply_stage(self.groups(), stage, keep_requires_grad=self.keep_requires_grad)
+        groups = self.groups()
+        if self.may_train is not None:
+            for items in groups.values():
+                for n, p in items:
+                    if not self.may_train(n):
+                        p.requires_grad_(self.keep_requires_grad)
+                        p.grad = None
+            groups = {g: [(n, p) for n, p in items if self.may_train(n)] for g, items in groups.items()}
+        trainable = apply_stage(groups, stage, keep_requires_grad=self.keep_requires_grad)
         self.optimizer = self.schedule.build_optimizer(trainable, iteration)
         self.stage_index = index
         self.switches.append((int(iteration), int(index)))

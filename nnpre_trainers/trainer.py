@@ -12,7 +12,9 @@ separately tested parts (:meth:`nnPreTrainer.compose`):
 * **transfer** (:class:`~nnpre_trainers.transfer_step.EncoderTransfer`, optional): run once on the new network
   of a new run; its report is saved in the run folder and in every checkpoint, so ``--c`` never redoes it;
 * **adapter** (optional; any object with ``apply(network) -> None``, e.g. from ``nnpre_trainers.adapters``):
-  applied after the transfer and before the optimizer is built (also on resume, before the weights load);
+  applied after the transfer and before the optimizer is built (also on resume, before the weights load); if it
+  has ``is_trainable(name)``, only parameters it accepts enter the stage optimizers (intersected with the
+  stage's groups); its name and ``options()`` are recorded in checkpoints (``nnpre_run.adapter``);
 * **schedule** (:class:`~nnpre_trainers.finetune_schedule.FinetuneSchedule`): stages, trained parameter groups
   and per-iteration LR, applied by :class:`~nnpre_trainers.stage_controller.StageController` (one optimizer
   per stage, built when the stage's first iteration starts). Default: the task's recipe — nnU-Net's poly SGD
@@ -316,7 +318,8 @@ class nnPreTrainer(nnUNetTrainer):
             self.schedule = self._default_schedule()
         remapped = bool((self.transfer_record or {}).get("stem_remapped"))
         self.stages = StageController(self.schedule, lambda: parameter_groups(self.unwrapped_network, remapped),
-                                      keep_requires_grad=self.is_ddp, log=self.print_to_log_file)
+                                      keep_requires_grad=self.is_ddp, log=self.print_to_log_file,
+                                      may_train=getattr(self.adapter, "is_trainable", None))
         self.optimizer = self.stages.start(self.global_iteration, self._resume_stage if self._restoring else None)
         self.lr_scheduler = None
         if self.is_ddp:
@@ -524,6 +527,9 @@ class nnPreTrainer(nnUNetTrainer):
             "num_train_cases": self.num_train_cases,
             "fraction": self.fraction,
             "seed": self.seed,
+            "adapter": None if self.adapter is None else {
+                "name": getattr(self.adapter, "name", type(self.adapter).__name__),
+                "options": self.adapter.options() if hasattr(self.adapter, "options") else {}},
         })
 
     def save_checkpoint(self, filename: str) -> None:

@@ -58,3 +58,16 @@ def test_pretrain_schedule_is_nnunet_poly_per_epoch():
     opt = _controller(sched, net).start(0)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.99 and opt.defaults["nesterov"]
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+
+
+def test_adapter_rule_keeps_rejected_parameters_out_of_every_stage():
+    net = TinyUNet()
+    sched = default_schedule(20, pretrained=True, warmup_fraction=0.25)
+    c = StageController(sched, lambda: parameter_groups(net, False), log=lambda s: None,
+                        may_train=lambda name: not name.endswith(".weight") or name.startswith("decoder.seg"))
+    for it in (0, 5):
+        opt = c.enter(it)
+        names = {id(p): n for n, p in net.named_parameters()}
+        trained = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+        assert trained and all(not n.endswith(".weight") or n.startswith("decoder.seg") for n in trained)
+    assert not net.encoder[0].weight.requires_grad and net.encoder[0].bias.requires_grad

@@ -38,3 +38,21 @@ def os_error_message(e: OSError) -> str | None:
     if getattr(e, "filename2", None):
         where = f"{where} -> {e.filename2}"
     return f"{where}: {e.strerror or type(e).__name__}; {fix}"
+
+
+def checkpoint_folder_hint(folder: str, option: str = "--pretrained") -> str:
+    """One line for a folder given where a checkpoint file is expected, naming the checkpoint files found inside
+    (an nnU-Net run keeps them in ``fold_X/checkpoint_final.pth``; searched two levels deep, final first)."""
+    import glob
+    import os
+
+    found = []
+    for depth in ("*.pth", os.path.join("*", "*.pth"), os.path.join("*", "*", "*.pth")):
+        found += sorted(glob.glob(os.path.join(folder, depth)))
+    found = [p for p in found if not os.path.basename(p).startswith(".")]
+    found.sort(key=lambda p: (os.path.basename(p) != "checkpoint_final.pth", p.count(os.sep), p))
+    if found:
+        more = f" (or one of {len(found) - 1} other .pth file(s) there)" if len(found) > 1 else ""
+        return f"{option} {folder} is a folder, not a checkpoint file; pass the file, e.g. {found[0]}{more}"
+    return (f"{option} {folder} is a folder without any .pth checkpoint; pass the checkpoint file itself (an nnU-Net "
+            f"run keeps it in fold_X/checkpoint_final.pth)")

@@ -34,8 +34,9 @@ class EncoderTransfer:
 
     def __init__(self, checkpoint: str, channel_names: Any = None):
         if os.path.isdir(checkpoint):
-            fail(f"--pretrained {checkpoint} is a folder; give the checkpoint file inside it "
-                 f"(e.g. {os.path.join(checkpoint, 'checkpoint_final.pth')})")
+            from nnpre.errors import checkpoint_folder_hint
+
+            fail(checkpoint_folder_hint(checkpoint))  # names the checkpoint files found inside
         if not os.path.isfile(checkpoint):
             fail(f"pretrained checkpoint {checkpoint} does not exist; give the path of a .pth file")
         self.checkpoint = str(checkpoint)

@@ -276,3 +276,19 @@ def test_read_only_output_folder(det_folders, tmp_path, capsys):
         _fails(capsys, main, ["det", "-p", pred, "-g", gt, "-o", ro / "det.json"], "not writable")
     finally:
         os.chmod(ro, stat.S_IRWXU)
+
+
+# ------------------------------------------------------------------------------------------------ --pretrained
+def test_pretrained_folder_names_the_checkpoint_inside(tmp_path):
+    from nnpre.errors import NnPreError
+    from nnpre_trainers.transfer_step import EncoderTransfer
+
+    run = tmp_path / "nnPreTrainer_MAE__nnPreResEncLPlans__3d_fullres"
+    (run / "fold_all").mkdir(parents=True)
+    with pytest.raises(NnPreError, match="is a folder without any .pth checkpoint.*fold_X/checkpoint_final.pth"):
+        EncoderTransfer(str(run))
+    (run / "fold_all" / "checkpoint_latest.pth").write_bytes(b"x")
+    (run / "fold_all" / "checkpoint_final.pth").write_bytes(b"x")
+    with pytest.raises(NnPreError) as e:
+        EncoderTransfer(str(run))
+    assert f"e.g. {run / 'fold_all' / 'checkpoint_final.pth'} (or one of 1 other" in str(e.value)

@@ -80,6 +80,12 @@ class SeededLoader:
         gen = torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
         return rs.get_state(), gen.get_state()
 
+    def __getattr__(self, name):
+        """Everything else (``generate_train_batch``, ``indices``, ...) is the wrapped loader's."""
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
     def __iter__(self):
         return self
 

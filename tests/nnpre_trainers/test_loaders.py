@@ -86,3 +86,9 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
 
+
+
+def test_wrapper_exposes_the_loader():
+    inner = GlobalRandomLoader()
+    inner.indices = ["a", "b"]
+    assert SeededLoader(inner, 0).indices == ["a", "b"]

@@ -198,7 +198,7 @@ class nnPreTrainer(nnUNetTrainer):
                              schedule: Optional[FinetuneSchedule] = None, tag: Optional[str] = None,
                              task: Optional[TrainingTask] = None, adapter=None) -> None:
         """:meth:`compose` for fine-tuning from ``pretrained`` (or ``from_scratch``) with the default tag
-        ``scratch`` / ``pt_<source>`` [+ ``_n<N>`` / ``_f<fraction>``]."""
+        ``scratch`` / ``pt_<source>`` [+ ``_n<N>`` / ``_f<fraction>``] [+ ``_<adapter>`` unless ``full``]."""
         if pretrained and from_scratch:
             fail("--pretrained and --from-scratch exclude each other")
         if not pretrained and not from_scratch:
@@ -210,6 +210,8 @@ class nnPreTrainer(nnUNetTrainer):
                 tag += f"_n{num_train_cases}"
             elif fraction is not None:
                 tag += f"_f{fraction:g}"
+            if getattr(adapter, "name", "full") != "full":  # adapter runs get their own folder: ..._lora
+                tag += "_" + adapter.name
         self.compose(task=task, transfer=transfer, schedule=schedule, adapter=adapter,
                      num_train_cases=num_train_cases, fraction=fraction, tag=tag)
 
@@ -310,6 +312,9 @@ class nnPreTrainer(nnUNetTrainer):
             self.transfer_record = to_plain(self.transfer.apply(net, folder, self.print_to_log_file))
         if self.adapter is not None:
             self.adapter.apply(net)
+            if hasattr(self.adapter, "describe") and self.local_rank == 0:  # trainable counts: log + adapter.json
+                self.print_to_log_file(self.adapter.summary(net))
+                write_json(self.adapter.describe(net), join(self.output_folder, "adapter.json"))
         self.network = net.to(self.device)
         if self._do_i_compile():
             self.print_to_log_file("Using torch.compile...")
@@ -571,6 +576,8 @@ class nnPreTrainer(nnUNetTrainer):
         elif record.get("stem_remapped") is not None and not record.get("from_scratch", True):
             self.transfer_record = {"stem_remapped": bool(record["stem_remapped"]),
                                     "checkpoint": record.get("pretrained")}
+        if not self.was_initialized:
+            self._restore_adapter(record.get("adapter"), filename_or_checkpoint)
         self.current_epoch = int(ck["current_epoch"])
         self.iteration_in_epoch = 0
         self._resumed = True
@@ -593,6 +600,20 @@ class nnPreTrainer(nnUNetTrainer):
         self.stages.set_lr(self.global_iteration)
         if self.grad_scaler is not None and ck.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(ck["grad_scaler_state"])
+
+    def _restore_adapter(self, record: Optional[Dict[str, Any]], source: Any) -> None:
+        """``--c``: rebuild the checkpoint's adapter (when none was given) before the network is built, so the
+        adapted weights load; a different adapter than the checkpoint's stops with one line."""
+        from nnpre_trainers.adapters import adapter_from_dict
+
+        saved = adapter_from_dict(record).to_dict()
+        if self.adapter is None:
+            if saved["name"] != "full":
+                self.adapter = adapter_from_dict(record)
+        elif hasattr(self.adapter, "to_dict") and self.adapter.to_dict() != saved:
+            where = source if isinstance(source, (str, os.PathLike)) else "the checkpoint"
+            fail(f"{where} was trained with adapter {saved['name']} {saved['options']}, not "
+                 f"{self.adapter.name} {self.adapter.options()}; resume with the checkpoint's --adapter options")
 
     # -- loop ------------------------------------------------------------------------------------------------
     def run_training(self):

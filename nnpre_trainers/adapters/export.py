@@ -1,12 +1,13 @@
 """Merging adapters at the state-dict level, for exports of fine-tuned checkpoints (``nnPre_export --full``).
 
 A fine-tuned checkpoint of an adapter run stores the **unmerged** network (``...conv.base.weight``,
-``...conv.lora_A.weight``, ...) plus the adapter record ``nnpre_adapter`` (``Adapter.to_dict()``), so ``--c``
-can rebuild it. :func:`merged_checkpoint` turns it into an ordinary nnU-Net checkpoint whose
-``network_weights`` carry exactly the plain network's keys, so stock ``nnUNetv2_predict`` (and
-``nnPre_predict``) load it without knowing about adapters. The merge works on tensors only — no network is
-built — so it serves segmentation U-Nets and the Retina U-Net alike; every alias of a wrapped conv
-(``.conv.`` and ``.all_modules.0.``) has its own keys in the state dict and is merged the same way.
+``...conv.lora_A.weight``, ...) plus the adapter record (``nnpre_run["adapter"]``, written by the trainer,
+or ``nnpre_adapter``; ``Adapter.to_dict()``), so ``--c`` can rebuild it. :func:`merged_checkpoint` turns it
+into an ordinary nnU-Net checkpoint whose ``network_weights`` carry exactly the plain network's keys, so
+stock ``nnUNetv2_predict`` (and ``nnPre_predict``) load it without knowing about adapters. The merge works on
+tensors only — no network is built — so it serves segmentation U-Nets and the Retina U-Net alike; every
+alias of a wrapped conv (``.conv.`` and ``.all_modules.0.``) has its own keys in the state dict and is
+merged the same way.
 
 Per adapter: ``full`` → unchanged; ``lora`` → ``W = W_base + (alpha / rank) · B·A`` (exact, as
 :meth:`LoRAConv.merged`); ``molre`` → refused unless ``approximate`` (fixed routing ``gate_mean``, as
@@ -15,7 +16,7 @@ Per adapter: ``full`` → unchanged; ``lora`` → ``W = W_base + (alpha / rank) 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
@@ -70,15 +71,24 @@ def merge_state_dict(state_dict: Mapping[str, torch.Tensor], record: Dict[str, A
     return out
 
 
+def adapter_record(checkpoint: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The adapter record of a checkpoint: ``nnpre_adapter``, else the trainer's ``nnpre_run["adapter"]``
+    (``{"name", "options"}``); None for runs without an adapter."""
+    rec = checkpoint.get(ADAPTER_KEY) or (checkpoint.get("nnpre_run") or {}).get("adapter")
+    return dict(rec) if rec else None
+
+
 def merged_checkpoint(checkpoint: Dict[str, Any], approximate: bool = False) -> Dict[str, Any]:
     """A copy of a fine-tuned adapter checkpoint with merged ``network_weights`` (plain keys), no optimizer
     state (it refers to adapter tensors) and ``nnpre_adapter`` replaced by ``nnpre_adapter_merged`` (the record
     plus whether the merge was approximate). Other entries (``init_args``, ``trainer_name``, ...) are kept, so
     the result can be a run folder's ``checkpoint_final.pth`` for ``nnUNetv2_predict``."""
-    record = checkpoint.get(ADAPTER_KEY)
+    record = adapter_record(checkpoint)
     if not record:
-        fail("the checkpoint has no adapter record ('nnpre_adapter'); nothing to merge")
+        fail("the checkpoint has no adapter record ('nnpre_adapter' or 'nnpre_run.adapter'); nothing to merge")
     out = {k: v for k, v in checkpoint.items() if k not in (ADAPTER_KEY, "optimizer_state", "grad_scaler_state")}
+    if isinstance(out.get("nnpre_run"), dict):  # the merged network has no adapter: --c must not rebuild one
+        out["nnpre_run"] = {**out["nnpre_run"], "adapter": None}
     out["network_weights"] = merge_state_dict(checkpoint["network_weights"], record, approximate)
     out["nnpre_adapter_merged"] = {**record, "approximate": bool(approximate and record.get("name") == "molre")}
     return out

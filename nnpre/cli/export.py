@@ -16,6 +16,11 @@ dropped, so that stock ``nnUNetv2_train ... -pretrained_weights FILE`` accepts i
 plans give the same architecture (e.g. planned with ``nnPre_plan --like``). ``--input-channels N``
 remaps the stem for an N-channel dataset with the rules of :mod:`nnpre.weight_transfer`.
 
+(c) ``--full`` on a fine-tuned checkpoint of an adapter run (``nnPre_train finetune|detect --adapter lora``):
+the adapter is merged into plain weights (:mod:`nnpre_trainers.adapters.export`; exact for LoRA, MoLRE only
+with ``--approximate-molre``, probes refused) and the whole nnU-Net checkpoint is written with exactly the plain
+network's keys and no optimizer state, to be used as ``checkpoint_final.pth`` by ``nnUNetv2_predict``.
+
 Both files are written atomically (temporary file, verified with a safe reload, then renamed).
 """
 from __future__ import annotations
@@ -136,8 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--full only: remap the stem to N input channels (default: the checkpoint's)")
     p.add_argument("--channel-names", default=None,
                    help="--full only: comma-separated downstream channel names (by-name stem remap)")
+    p.add_argument("--approximate-molre", action="store_true",
+                   help="--full of a MoLRE fine-tuning run: fold the experts at their mean training routing "
+                        "(an approximation: MoLRE routing depends on each input)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
     return p
+
+
+def _export_merged_adapter(args: argparse.Namespace) -> bool:
+    """(c): write the merged checkpoint when ``args.checkpoint`` is an adapter run's (not ``full``); else False."""
+    from nnpre_trainers.adapters.export import adapter_record, merged_checkpoint
+
+    raw = safe_load(args.checkpoint)
+    record = adapter_record(raw)
+    if not record or record.get("name") == "full":
+        return False
+    if args.input_channels is not None or args.channel_names is not None:
+        fail(f"{args.checkpoint}: a fine-tuned {record['name']} run keeps its input channels; drop --input-channels "
+             f"/ --channel-names")
+    obj = merged_checkpoint(raw, approximate=args.approximate_molre)
+    write_verified(obj, args.output)
+    print(f"wrote {args.output}: fine-tuned network with the {record['name']} adapter merged "
+          f"({'approximate' if obj['nnpre_adapter_merged']['approximate'] else 'exact'}), "
+          f"{len(obj['network_weights'])} plain keys; use it as fold_X/checkpoint_final.pth of a copy of the run "
+          f"folder for nnUNetv2_predict / nnPre_predict")
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.channel_names.split(",")] if args.channel_names else None
     if names is not None and args.input_channels is not None and len(names) != args.input_channels:
         fail(f"--channel-names lists {len(names)} names but --input-channels is {args.input_channels}")
+    if args.full and _export_merged_adapter(args):
+        return 0
     ck = read_pretrained(args.checkpoint)
     if args.full:
         obj, dropped = full_checkpoint(ck, input_channels=args.input_channels or (len(names) if names else None),

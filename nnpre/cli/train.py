@@ -6,6 +6,7 @@ Examples::
     nnPre_train finetune -d 501 --pretrained RESULTS/.../checkpoint_final.pth
     nnPre_train finetune -d 501 --from-scratch --num-train-cases 2
     nnPre_train detect   -d 501 --pretrained CKPT
+    nnPre_train finetune -d 501 --pretrained CKPT --adapter lora --lora-rank 8   # or molre, probe-linear, ...
     torchrun --nproc_per_node=2 -m nnpre.cli.train pretrain -d 502 -t mae   # DDP (gloo on CPU)
 """
 from __future__ import annotations
@@ -38,6 +39,30 @@ def _pretext_choices():
     return pretext_choices()
 
 
+def _adapter_arguments(p: argparse.ArgumentParser) -> None:
+    from nnpre_trainers.adapters import list_adapters
+
+    p.add_argument("--adapter", default="full", choices=list_adapters(),
+                   help="what trains (nnpre_trainers/adapters): full (default), lora / molre (low-rank updates on the "
+                        "frozen encoder's convs), probe-linear / probe-mlp (frozen encoder, light heads)")
+    p.add_argument("--lora-rank", type=int, default=None, help="lora / molre: rank (per expert for molre)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="lora / molre: scaling numerator (alpha / rank)")
+    p.add_argument("--adapter-layers", default=None, metavar="REGEX",
+                   help="lora / molre: encoder convs to adapt, re.search on module names (default '^encoder\\.')")
+
+
+def _adapter(args: argparse.Namespace):
+    from nnpre.errors import fail
+    from nnpre_trainers.adapters import get_adapter
+
+    low_rank = dict(rank=args.lora_rank, alpha=args.lora_alpha, layers=args.adapter_layers)
+    if args.adapter not in ("lora", "molre"):
+        if any(v is not None for v in low_rank.values()):
+            fail(f"--lora-rank / --lora-alpha / --adapter-layers apply to --adapter lora or molre, not {args.adapter}")
+        low_rank = {}
+    return get_adapter(args.adapter, **low_rank)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nnPre_train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -57,10 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--num-train-cases", type=int, default=None, help="use only N labelled training cases")
     ft.add_argument("--fraction", type=float, default=None, help="use only this fraction of labelled cases")
     ft.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final sliding-window validation")
+    _adapter_arguments(ft)
     det = sub.add_parser("detect", help="train a Retina U-Net detector")
     _common(det)
     det.add_argument("--pretrained", metavar="CKPT", default=None)
     det.add_argument("--num-train-cases", type=int, default=None)
+    _adapter_arguments(det)
     return p
 
 
@@ -102,13 +129,15 @@ def run(args: argparse.Namespace) -> int:
 
         trainer = make_trainer(nnPreFineTuneTrainer, fold=args.fold or 0, **common)
         trainer.configure_finetuning(pretrained=args.pretrained, from_scratch=args.from_scratch,
-                                     num_train_cases=args.num_train_cases, fraction=args.fraction)
+                                     num_train_cases=args.num_train_cases, fraction=args.fraction,
+                                     adapter=_adapter(args))
         trainer.seed = args.seed
     else:
         from nnpre_trainers.aliases import nnPreDetectionTrainer
 
         trainer = make_trainer(nnPreDetectionTrainer, fold=args.fold or 0, **common)
-        trainer.configure_detection(pretrained=args.pretrained, num_train_cases=args.num_train_cases)
+        trainer.configure_detection(pretrained=args.pretrained, num_train_cases=args.num_train_cases,
+                                    adapter=_adapter(args))
         trainer.seed = args.seed
     trainer.overwrite = bool(args.overwrite)
     if args.resume:

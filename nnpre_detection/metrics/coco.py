@@ -19,6 +19,10 @@ Quirks reproduced on purpose (each changes numbers):
       not filter them, unlike pycocotools), both in the overall AP/mAP and in their own per-class keys.
     * Overall AP is one ``np.mean`` over the (IoU, recall point, class) precision array, built in the same
       shape as nnDetection so even the floating-point summation order is the same.
+
+Ignored ground truth (``match_cases(..., gt_ignore=...)``): as nnDetection's/MONAI's ``COCOMetric`` (from
+pycocotools), ignored boxes do not count in ``num_gt`` and detections matched to them add neither a TP nor an
+FP (they keep their place in the score ranking, where they repeat the previous precision/recall point).
 """
 from __future__ import annotations
 
@@ -121,7 +125,8 @@ def compute_coco(
     order = order[np.argsort(-match.det_score[order], kind="stable")]  # pooled, stable: case order on ties
     order = order[np.argsort(match.det_class[order], kind="stable")]
     cls_sorted = match.det_class[order]
-    num_gt_per_class = np.bincount(match.gt_class, minlength=num_classes) if match.gt_class.size else \
+    regular_gt = match.gt_class[~match.gt_ignored]  # ignored ground truth is no positive
+    num_gt_per_class = np.bincount(regular_gt, minlength=num_classes) if regular_gt.size else \
         np.zeros(num_classes, dtype=np.int64)
     for c in range(num_classes):
         num_gt = int(num_gt_per_class[c])
@@ -130,8 +135,9 @@ def compute_coco(
         lo, hi = np.searchsorted(cls_sorted, [c, c + 1])
         sel = order[lo:hi]
         matched = match.det_matched[np.ix_(t_src, sel)]
-        tp = np.cumsum(matched, axis=1).astype(np.float32)
-        fp = np.cumsum(~matched, axis=1).astype(np.float32)
+        ignored = match.det_ignored[np.ix_(t_src, sel)]  # stay in the ranking but count neither way (COCO)
+        tp = np.cumsum(matched & ~ignored, axis=1).astype(np.float32)
+        fp = np.cumsum(~matched & ~ignored, axis=1).astype(np.float32)
         prec, rc, env = _precision_at_recall_points(tp, fp, num_gt, float_mode)
         precision[:, :, c, 0] = prec
         if return_curves:

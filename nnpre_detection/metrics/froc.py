@@ -18,6 +18,12 @@ Quirks reproduced on purpose (each changes numbers):
       (nnDetection then reports the key ``froc_score``; we keep the usual key with value 0).
     * Per-class FROC (option) uses the same ``num_images`` for every class; ``mc_FROC_score_IoU_t`` is the
       sum of the per-class scores divided by the number of classes (classes without ground truth add 0).
+
+Ignored ground truth (``match_cases(..., gt_ignore=...)``): as nnDetection's ``FROCMetric`` (and the LUNA16
+script ``noduleCADEvaluationLUNA16.py`` with ``bOtherNodulesAsIrrelevant``), detections on ignored objects are
+removed from the curve (neither TP nor FP) and ignored objects do not count in ``num_gt``. Difference to LUNA16:
+an ignored box absorbs one detection per IoU threshold (COCO one-to-one matching, as nnDetection/MONAI), while
+LUNA16 drops every candidate whose centre lies within the excluded finding's radius.
 """
 from __future__ import annotations
 
@@ -62,12 +68,16 @@ def froc_curve(dt_matches: np.ndarray, dt_scores: np.ndarray, num_images: int, n
 
 
 def _froc_one_group(matched: np.ndarray, scores: np.ndarray, thresholds: Sequence[float], num_images: int,
-                    num_gt: int, any_result: bool, fpi: Sequence[float]):
+                    num_gt: int, any_result: bool, fpi: Sequence[float], ignored: np.ndarray | None = None):
     out_scores, out_curves, full = {}, {}, {}
     for i, t in enumerate(thresholds):
         if not any_result or num_gt == 0:
             sens_points = np.zeros(len(fpi))
             fps = sens = thr = np.zeros(0)
+        elif ignored is not None and ignored[i].any():
+            keep = ~ignored[i]  # detections on ignored ground truth leave the curve (nnDetection FROCMetric)
+            fps, sens, thr = froc_curve(matched[i][keep], scores[keep], num_images, num_gt)
+            sens_points = np.interp(fpi, fps, sens)
         else:
             fps, sens, thr = froc_curve(matched[i], scores, num_images, num_gt)
             sens_points = np.interp(fpi, fps, sens)
@@ -103,13 +113,16 @@ def compute_froc(
     t_src = [match.threshold_index(t) for t in iou_thresholds]
     num_images = match.num_cases
     matched = match.det_matched[t_src]
+    ignored = match.det_ignored[t_src]
+    regular = ~match.gt_ignored
+    num_gt = int(np.count_nonzero(regular))
     any_result = match.det_case.size > 0 or match.gt_case.size > 0
     scores, curves, full = _froc_one_group(matched, match.det_score, iou_thresholds, num_images,
-                                           int(match.gt_case.size), any_result, fpi_thresholds)
+                                           num_gt, any_result, fpi_thresholds, ignored)
     curves.update(full)
     curves["FROC_fpi_thresholds"] = list(fpi_thresholds)
     curves["FROC_num_images"] = num_images
-    curves["FROC_num_gt"] = int(match.gt_case.size)
+    curves["FROC_num_gt"] = num_gt
     if per_class:
         if num_classes is None:
             raise ValueError("per_class FROC needs num_classes")
@@ -117,9 +130,11 @@ def compute_froc(
         totals = {k: 0.0 for k in scores}
         for c, name in enumerate(names):
             d = match.det_class == c
-            n_gt = int(np.count_nonzero(match.gt_class == c))
+            g = match.gt_class == c
+            n_gt = int(np.count_nonzero(g & regular))
             c_scores, c_curves, c_full = _froc_one_group(matched[:, d], match.det_score[d], iou_thresholds,
-                                                         num_images, n_gt, bool(d.any() or n_gt), fpi_thresholds)
+                                                         num_images, n_gt, bool(d.any() or g.any()), fpi_thresholds,
+                                                         ignored[:, d])
             for k, v in c_scores.items():
                 scores[f"{name}_{k}"] = v
                 totals[k] += v

@@ -9,7 +9,14 @@ Semantics reproduced exactly (nnDetection ``nndet/evaluator/detection/matching.p
   not-yet-matched ground-truth box of its case/class with the highest IoU, provided ``IoU >= min(t, 1-1e-10)``;
   when several boxes share that IoU the *later* one (in input order) wins, because nnDetection replaces its
   best match on ``>=``; a detection without such a box is a false positive;
-* ground truth is never ignored (nnDetection's evaluator passes ``gt_ignore`` = all zeros).
+* ground truth is never ignored by default (nnDetection's evaluator passes ``gt_ignore`` = all zeros).
+
+Ignored ground truth (optional ``gt_ignore``; COCO semantics, as MONAI's ``matching_batch(..., gt_ignore=...)``
+and pycocotools' ``evaluateImg``): within a case/class the ignored boxes are placed after the regular ones
+(stable, input order kept within each part); a detection is matched to an ignored box only when no regular
+box is available to it at that threshold (i.e. unmatched with ``IoU >= min(t, 1-1e-10)``), again the highest
+IoU with ties to the later box; an ignored box absorbs one detection per threshold (no crowd regions), and a
+detection matched to an ignored box is itself ignored (``det_ignored``: neither TP nor FP in AP and FROC).
 
 Vectorisation: all cases and classes are processed at once. Candidate (detection, ground truth) pairs
 exist only within one case/class group; the greedy loop runs over the detection *rank* (at most
@@ -46,6 +53,9 @@ class MatchResult:
         det_matched: (T, D) bool, True = true positive at that threshold.
         gt_case, gt_class, gt_index: (G,) int64 case index, class and index into the case's input arrays.
         gt_matched: (T, G) bool.
+        det_ignored: (T, D) bool, True = matched to an ignored ground-truth box at that threshold (neither
+            TP nor FP). All False without ``gt_ignore``.
+        gt_ignored: (G,) bool, the ``gt_ignore`` flag of each ground-truth box (all False without it).
     """
 
     iou_thresholds: np.ndarray
@@ -60,6 +70,25 @@ class MatchResult:
     gt_class: np.ndarray
     gt_index: np.ndarray
     gt_matched: np.ndarray
+    det_ignored: np.ndarray | None = None
+    gt_ignored: np.ndarray | None = None
+
+    def __post_init__(self):
+        # results built without ignore flags (older callers) get all-False flags
+        if self.det_ignored is None:
+            object.__setattr__(self, "det_ignored", np.zeros(self.det_matched.shape, dtype=bool))
+        if self.gt_ignored is None:
+            object.__setattr__(self, "gt_ignored", np.zeros(self.gt_case.shape, dtype=bool))
+
+    @property
+    def det_true_positive(self) -> np.ndarray:
+        """(T, D) bool: matched to a regular ground-truth box."""
+        return self.det_matched & ~self.det_ignored
+
+    @property
+    def det_false_positive(self) -> np.ndarray:
+        """(T, D) bool: unmatched (and therefore not ignored)."""
+        return ~self.det_matched & ~self.det_ignored
 
     def threshold_index(self, iou: float) -> int:
         """Index of an IoU threshold (exact float equality, as nnDetection looks thresholds up)."""
@@ -116,6 +145,23 @@ def _row_namer(names: Sequence[str], lengths: np.ndarray, kind: str):
     return where
 
 
+def _ignore_flags(gt_ignore, g_len: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """Concatenated (G,) bool ignore flags, checked against the ground-truth counts per case."""
+    if gt_ignore is None:
+        return np.zeros(int(g_len.sum()), dtype=bool)
+    if len(gt_ignore) != len(g_len):
+        raise ValueError(f"gt_ignore needs one entry per case ({len(g_len)}), got {len(gt_ignore)}")
+    flags = []
+    for i, f in enumerate(gt_ignore):
+        f = np.asarray(f).reshape(-1)
+        if len(f) != g_len[i]:
+            fail(f"{names[i]} ground truth: {g_len[i]} boxes but {len(f)} ignore flags")
+        if f.size and not (f.dtype == bool or np.isin(f, (0, 1)).all()):
+            fail(f"{names[i]} ground truth: ignore flags must be booleans (0/1), got {np.unique(f)[:5].tolist()}")
+        flags.append(f.astype(bool))
+    return _concat(flags, (0,), bool)
+
+
 def match_cases(
     pred_boxes: Sequence[np.ndarray],
     pred_scores: Sequence[np.ndarray],
@@ -127,6 +173,7 @@ def match_cases(
     num_classes: int | None = None,
     case_ids: Sequence[str] | None = None,
     validate: bool = True,
+    gt_ignore: Sequence[np.ndarray] | None = None,
 ) -> MatchResult:
     """Match detections to ground truth for every case, class and IoU threshold.
 
@@ -141,6 +188,8 @@ def match_cases(
         num_classes: if given, class ids must be < num_classes.
         case_ids: case names for error messages (default ``case <index>``).
         validate: check the inputs (see :mod:`nnpre_detection.metrics.validate`).
+        gt_ignore: per case (G_i,) bool, True = ignored ground-truth box (COCO semantics, see the module
+            doc). None (default) = no box ignored, nnDetection's behaviour, bit for bit.
 
     Returns:
         :class:`MatchResult`. Case order is the input order (it decides score ties in AP).
@@ -163,6 +212,7 @@ def match_cases(
     det_class = _concat(pl, (0,), np.int64)
     gt_box = _concat(gb, (0, 6), np.float64)
     gt_class = _concat(gl, (0,), np.int64)
+    gt_ign = _ignore_flags(gt_ignore, g_len, names)
     if validate:
         det_box, det_score, det_class = check_prediction(det_box, det_score, det_class, num_classes,
                                                          _row_namer(names, p_len, "prediction"))
@@ -191,10 +241,13 @@ def match_cases(
     # ---- ground truth: order by (case, class) group, input order within a group (matters for IoU ties)
     gt_key = gt_case * n_key + gt_class
     g_order = np.argsort(gt_key, kind="stable")
-    gt_box, gt_case, gt_class, gt_local, gt_key = (a[g_order] for a in (gt_box, gt_case, gt_class, gt_local, gt_key))
+    gt_box, gt_case, gt_class, gt_local, gt_key, gt_ign = (
+        a[g_order] for a in (gt_box, gt_case, gt_class, gt_local, gt_key, gt_ign))
+    any_ignored = bool(gt_ign.any())
 
     det_matched = np.zeros((n_thr, len(det_case)), dtype=bool)
     gt_matched = np.zeros((n_thr, len(gt_case)), dtype=bool)
+    det_ignored = np.zeros((n_thr, len(det_case)), dtype=bool)
 
     # ---- candidate pairs (detection, ground truth of the same case and class)
     g_lo = np.searchsorted(gt_key, key, side="left")
@@ -218,6 +271,12 @@ def match_cases(
             p_det, p_gt, p_iou = pair_det[lo:hi], pair_gt[lo:hi], pair_iou[lo:hi]
             seg = _segment_starts(p_det)  # one segment per detection (one detection per group and rank)
             valid = ~gt_matched[:, p_gt] & (p_iou[None, :] >= start)  # (T, P)
+            if any_ignored:
+                # ignored ground truth is available to a detection only when no regular box is
+                p_ign = gt_ign[p_gt]
+                has_regular = np.logical_or.reduceat(valid & ~p_ign[None, :], seg, axis=1)  # (T, S)
+                seg_len = np.diff(np.r_[seg, len(p_det)])
+                valid &= ~(p_ign[None, :] & np.repeat(has_regular, seg_len, axis=1))
             score = np.where(valid, p_iou[None, :], -np.inf)
             best_iou = np.maximum.reduceat(score, seg, axis=1)  # (T, S)
             # IoU ties: the later ground truth wins -> the largest position holding the maximum
@@ -227,6 +286,8 @@ def match_cases(
             chosen = best[t_idx, s_idx]
             det_matched[t_idx, p_det[chosen]] = True
             gt_matched[t_idx, p_gt[chosen]] = True
+            if any_ignored:
+                det_ignored[t_idx, p_det[chosen]] = gt_ign[p_gt[chosen]]
 
     return MatchResult(
         iou_thresholds=thresholds,
@@ -241,6 +302,8 @@ def match_cases(
         gt_class=gt_class,
         gt_index=gt_local,
         gt_matched=gt_matched,
+        det_ignored=det_ignored,
+        gt_ignored=gt_ign,
     )
 
 
@@ -248,8 +311,9 @@ def to_results_list(match: MatchResult) -> list[dict[int, dict[str, np.ndarray]]
     """Convert to nnDetection's/MONAI's ``matching_batch`` output (one dict per case, keyed by class).
 
     Useful for cross-checks and for feeding nnDetection/MONAI metric classes. Keys per class:
-    ``dtMatches`` (T, D) float, ``gtMatches`` (T, G) float, ``dtScores`` (D,), ``gtIgnore`` (G,) zeros,
-    ``dtIgnore`` (T, D) zeros.
+    ``dtMatches`` (T, D) float, ``gtMatches`` (T, G) float, ``dtScores`` (D,), ``gtIgnore`` (G,),
+    ``dtIgnore`` (T, D) (zeros without ``gt_ignore``). Within a case/class the ground truth is listed with the
+    ignored boxes last (stable), the order MONAI's ``matching_batch`` reports it in.
     """
     results: list[dict[int, dict[str, np.ndarray]]] = [dict() for _ in range(match.num_cases)]
     n_thr = len(match.iou_thresholds)
@@ -258,12 +322,13 @@ def to_results_list(match: MatchResult) -> list[dict[int, dict[str, np.ndarray]]
     keys = np.unique(np.concatenate([det_key, gt_key]).reshape(-1, 2), axis=0)
     for case, cls in keys:
         d = (match.det_case == case) & (match.det_class == cls)
-        g = (match.gt_case == case) & (match.gt_class == cls)
+        g = np.flatnonzero((match.gt_case == case) & (match.gt_class == cls))
+        g = g[np.argsort(match.gt_ignored[g], kind="stable")]  # ignored boxes last
         results[int(case)][int(cls)] = {
             "dtMatches": match.det_matched[:, d].astype(np.float64),
             "gtMatches": match.gt_matched[:, g].astype(np.float64),
             "dtScores": match.det_score[d],
-            "gtIgnore": np.zeros(int(g.sum())),
-            "dtIgnore": np.zeros((n_thr, int(d.sum()))),
+            "gtIgnore": match.gt_ignored[g].astype(np.float64),
+            "dtIgnore": match.det_ignored[:, d].astype(np.float64).reshape(n_thr, -1),
         }
     return results

@@ -109,3 +109,21 @@ def test_curves_returned():
     c = curves["pr_curve_IoU_0.10"]["0"]
     np.testing.assert_allclose(c["recall"], [1, 1])
     np.testing.assert_allclose(c["precision"], [1, 0.5])
+
+
+def test_detection_on_ignored_box_is_neither_tp_nor_fp():
+    # GT: regular cube(0), second box cube(100). Detections: 0.9 on cube(100), 0.8 on cube(0).
+    pred, scores, gt = [[cube(100), cube(0)]], [[0.9, 0.8]], [cube(0), cube(100)]
+    args = ([np.array(b, float) for b in pred], [np.array(s, float) for s in scores], [np.zeros(2, int)])
+
+    def ap(gt_boxes, ignore=None):
+        m = match_cases(*args, [np.array(gt_boxes, float).reshape(-1, 6)], [np.zeros(len(gt_boxes), int)], THR,
+                        gt_ignore=ignore)
+        return compute_coco(m, 1)
+
+    dropped = ap(gt[:1])  # second box unknown: 0.9 is an FP -> precision 0.5 at every recall point
+    assert dropped[AP10] == pytest.approx(0.5, abs=1e-7)
+    ignored = ap(gt, [np.array([False, True])])  # 0.9 ignored: precision 1 (1 TP / 1 regular GT)
+    assert ignored[AP10] == 1.0 and ignored[MAP] == 1.0
+    only_ignored = ap(gt[1:], [np.array([True])])  # no regular GT -> class absent (-1), as COCOMetric
+    assert only_ignored[AP10] == -1.0

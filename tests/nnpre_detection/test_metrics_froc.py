@@ -105,3 +105,27 @@ def test_froc_curve_function_edge_cases():
     fps, sens, thr = froc_curve(np.array([1, 0, 0]), np.array([0.9, 0.5, 0.5]), 4, 1)
     np.testing.assert_allclose(fps, [0, 0, 0.5])  # the tied FPs form one point
     assert np.isinf(thr[0]) and len(FPI_THRESHOLDS) == 7
+
+
+def test_detection_on_ignored_box_leaves_the_curve():
+    # scan A: regular GT cube(0) and a second box at cube(100); detections 0.9 on cube(100), 0.8 on cube(0),
+    # 0.3 far away. Scan B: no GT, one FP 0.5.
+    def froc(gt_a, ignore=None):
+        m = match_cases([np.array([cube(100), cube(0), far(0)], float), np.array([far(1)], float)],
+                        [np.array([0.9, 0.8, 0.3]), np.array([0.5])], [np.zeros(3, int), np.zeros(1, int)],
+                        [np.array(gt_a, float).reshape(-1, 6), np.zeros((0, 6))], [np.zeros(len(gt_a), int),
+                                                                                   np.zeros(0, int)],
+                        (0.1, 0.5), gt_ignore=ignore)
+        return compute_froc(m, num_classes=1, per_class=True)
+
+    # box unknown: FP, TP, FP, FP -> (FP/scan, sens) (0,0) (.5,0) (.5,1) (1,1) (1.5,1): 0, 0, 1, ... = 5/7
+    scores, _ = froc([cube(0)])
+    assert scores[KEY] == pytest.approx(5 / 7)
+    # box ignored: the 0.9 detection is removed -> (0,0) (0,1) (.5,1) (1,1): sensitivity 1 everywhere
+    scores, curves = froc([cube(0), cube(100)], [np.array([False, True]), np.zeros(0, bool)])
+    assert scores[KEY] == 1.0 and scores["0_" + KEY] == 1.0 and scores["mc_" + KEY] == 1.0
+    assert curves["FROC_num_gt"] == 1
+    np.testing.assert_allclose(curves["FROC_full_curve_IoU_0.10"]["sensitivity"][:2], [0, 1])
+    # only ignored ground truth: no positives -> 0 (our rule for num_gt = 0)
+    scores, _ = froc([cube(100)], [np.array([True]), np.zeros(0, bool)])
+    assert scores[KEY] == 0.0

@@ -128,3 +128,44 @@ def test_bad_inputs_are_clear_errors():
         match_cases(**{**good, "pred_scores": [np.array([0.5, 0.4])]})
     with pytest.raises(NnPreError, match=r"shape \(N, 6\)"):
         match_cases(**{**good, "pred_boxes": [np.zeros((1, 4))]})
+
+
+# ---------------------------------------------------------------------------------------------- ignored GT
+def test_regular_ground_truth_beats_a_better_ignored_box():
+    # G0 regular (IoU 8/12 with the detection), G1 ignored (IoU 1): COCO takes the regular box
+    m = one_case([cube(2, 0, 0)], [0.9], [0], [cube(0, 0, 0), cube(2, 0, 0)], [0, 0], thr=(0.1, 0.7),
+                 gt_ignore=[np.array([False, True])])
+    assert m.det_matched.tolist() == [[True], [True]]
+    assert m.det_ignored.tolist() == [[False], [True]]  # at 0.7 only the ignored box is close enough
+    assert m.gt_matched.tolist() == [[True, False], [False, True]]
+    assert m.gt_ignored.tolist() == [False, True]
+    assert m.det_true_positive.tolist() == [[True], [False]] and not m.det_false_positive.any()
+
+
+def test_ignored_box_absorbs_one_detection_per_threshold():
+    # two detections on one ignored box, a third on the regular box taken first by the best score
+    m = one_case([cube(0, 0, 0), cube(1, 0, 0), cube(40, 0, 0)], [0.8, 0.7, 0.9], [0, 0, 0],
+                 [cube(0, 0, 0), cube(40, 0, 0)], [0, 0], thr=(0.1,), gt_ignore=[np.array([True, False])])
+    assert m.det_index.tolist() == [2, 0, 1]
+    assert m.det_matched.tolist() == [[True, True, False]]
+    assert m.det_ignored.tolist() == [[False, True, False]]
+    assert m.det_false_positive.tolist() == [[False, False, True]]  # duplicate on an ignored box stays an FP
+
+
+def test_taken_regular_box_sends_the_next_detection_to_the_ignored_one():
+    # both detections overlap both boxes; the first takes the regular box, the second the ignored one
+    m = one_case([cube(0, 0, 0), cube(1, 0, 0)], [0.9, 0.8], [0, 0], [cube(1, 0, 0), cube(0, 0, 0)], [0, 0],
+                 thr=(0.1,), gt_ignore=[np.array([True, False])])
+    assert m.det_matched.tolist() == [[True, True]] and m.det_ignored.tolist() == [[False, True]]
+    res = to_results_list(m)[0][0]
+    assert res["gtIgnore"].tolist() == [0.0, 1.0]  # MONAI's order: regular boxes first
+    assert res["dtIgnore"].tolist() == [[0.0, 1.0]]
+
+
+def test_ignore_flags_are_checked():
+    with pytest.raises(NnPreError, match="1 boxes but 2 ignore flags"):
+        one_case([], [], [], [cube(0, 0, 0)], [0], gt_ignore=[np.array([True, False])])
+    with pytest.raises(NnPreError, match="ignore flags must be booleans"):
+        one_case([], [], [], [cube(0, 0, 0)], [0], gt_ignore=[np.array([2])])
+    with pytest.raises(ValueError, match="one entry per case"):
+        one_case([], [], [], [cube(0, 0, 0)], [0], gt_ignore=[])

@@ -95,3 +95,99 @@ def test_matching_and_ap_equal_monai(seed):
         assert abs(same[key] - ref_ap[key]) <= 1e-12, key
         # released nnDetection keeps precision in float32: only rounding-level differences
         assert abs(nndet[key] - ref_ap[key]) <= 1e-7, key
+
+
+def _pooled_froc_reference(results, iou_idx, num_images, fpi=(1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8)):
+    """nnDetection's FROCMetric recipe on a MONAI results list: drop ignored detections, count regular GT."""
+    from sklearn.metrics import roc_curve
+
+    per_class = [r for case in results for r in case.values()]
+    matches = np.concatenate([r["dtMatches"][iou_idx] for r in per_class])
+    ignore = np.concatenate([r["dtIgnore"][iou_idx] for r in per_class]).astype(bool)
+    scores = np.concatenate([r["dtScores"] for r in per_class])
+    num_gt = int(np.count_nonzero(np.concatenate([r["gtIgnore"] for r in per_class]) == 0))
+    matches, scores = matches[~ignore], scores[~ignore]
+    fpr, tpr, _ = roc_curve(matches, scores)
+    n_tp = matches.sum()
+    fps = np.zeros(len(fpr)) if n_tp == len(matches) else (fpr * (len(matches) - n_tp)) / num_images
+    return float(np.mean(np.interp(fpi, fps, (tpr * n_tp) / num_gt)))
+
+
+def dense_suite(seed, n_cases=40, n_classes=3):
+    """Crowded cases (2-8 heavily overlapping GT boxes, 0-4 detections): a detection often overlaps regular and
+    ignored boxes at once, so the regular-first rule decides which box it takes."""
+    rng = np.random.default_rng(seed)
+
+    def boxes(n):
+        lo, ext = rng.integers(0, 5, (n, 3)), rng.integers(3, 7, (n, 3))
+        return np.concatenate([lo[:, :2], lo[:, :2] + ext[:, :2], lo[:, 2:], lo[:, 2:] + ext[:, 2:]], 1).astype(float)
+
+    pb, ps, pl, gb, gl = [], [], [], [], []
+    for _ in range(n_cases):
+        ng, nd = int(rng.integers(2, 9)), int(rng.integers(0, 5))
+        pb.append(boxes(nd).astype(np.float32))
+        ps.append((rng.integers(0, 10, nd) / 10).astype(np.float32))
+        pl.append(rng.integers(0, n_classes, nd))
+        gb.append(boxes(ng))
+        gl.append(rng.integers(0, n_classes - 1, ng))
+    return pb, ps, pl, gb, gl
+
+
+@pytest.mark.parametrize("suite,seed", [("sparse", s) for s in range(4)] + [("dense", s) for s in range(4)])
+def test_ignored_ground_truth_equals_monai(suite, seed):
+    """Random gt_ignore flags: matching (incl. dtIgnore/gtIgnore, GT reordered ignored-last) and AP equal MONAI's
+    matching_batch + COCOMetric; FROC equals nnDetection's FROCMetric recipe applied to MONAI's matching."""
+    from nnpre_detection.metrics.froc import compute_froc
+
+    k = 3
+    pb, ps, pl, gb, gl = (random_suite if suite == "sparse" else dense_suite)(seed, n_classes=k)
+    rng = np.random.default_rng(100 + seed)
+    ign = [rng.random(len(g)) < 0.4 for g in gb]
+    assert sum(int(i.sum()) for i in ign) > 5
+    thr, _, _ = coco_iou_thresholds((0.1, 0.5))
+    match = match_cases(pb, ps, pl, gb, gl, thr, num_classes=k, gt_ignore=ign)
+    assert match.det_ignored.any() and not (match.det_ignored & ~match.det_matched).any()
+    if suite == "dense":  # the flags change which boxes are taken, not only how matches count
+        assert (match.gt_matched != match_cases(pb, ps, pl, gb, gl, thr, num_classes=k).gt_matched).any()
+    ours = to_results_list(match)
+    ref = monai_matching.matching_batch(box_iou, thr, pb, pl, ps, gb, gl, gt_ignore=ign, max_detections=100)
+    for a, b in zip(ours, ref):
+        assert sorted(a) == sorted(int(c) for c in b)
+        for c in a:
+            for key in ("dtMatches", "dtIgnore", "dtScores"):
+                np.testing.assert_array_equal(a[c][key], np.asarray(b[c][key]).reshape(a[c][key].shape), key)
+            np.testing.assert_array_equal(a[c]["gtMatches"], np.asarray(b[c]["gtMatches"]).reshape(len(thr), -1))
+            ref_ign = np.asarray(b[c]["gtIgnore"], dtype=float)
+            if a[c]["dtScores"].size == 0:  # MONAI's _matching_no_pred keeps the input order (all unmatched)
+                ref_ign = np.sort(ref_ign)
+            np.testing.assert_array_equal(a[c]["gtIgnore"], ref_ign)
+    metric = monai_coco.COCOMetric(classes=[str(c) for c in range(k)], iou_list=(0.1, 0.5),
+                                   iou_range=(0.1, 0.5, 0.05), max_detection=(100,), verbose=False)
+    ref_ap = metric(ref)[0]
+    same = compute_coco(match, k, float_mode="monai-numpy2")
+    plain = compute_coco(match_cases(pb, ps, pl, gb, gl, thr, num_classes=k), k, float_mode="monai-numpy2")
+    keys = [key for key in ref_ap if key in same]
+    assert len(keys) == 12
+    for key in keys:
+        assert abs(same[key] - ref_ap[key]) <= 1e-12, key
+    assert any(same[key] != plain[key] for key in keys)  # the flags changed the numbers
+    froc, _ = compute_froc(match, iou_thresholds=(0.1, 0.5))
+    for iou in (0.1, 0.5):
+        ref_froc = _pooled_froc_reference(ref, int(np.flatnonzero(thr == iou)[0]), len(pb))
+        assert froc[f"FROC_score_IoU_{iou:.2f}"] == pytest.approx(ref_froc, abs=1e-12, nan_ok=True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_all_false_ignore_is_bit_identical(seed):
+    from nnpre_detection.metrics.froc import compute_froc
+
+    k = 3
+    pb, ps, pl, gb, gl = random_suite(seed, n_classes=k)
+    thr, _, _ = coco_iou_thresholds((0.1, 0.5))
+    a = match_cases(pb, ps, pl, gb, gl, thr, num_classes=k)
+    b = match_cases(pb, ps, pl, gb, gl, thr, num_classes=k, gt_ignore=[np.zeros(len(g), bool) for g in gb])
+    for field in a.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), field)
+    assert not b.det_ignored.any() and not b.gt_ignored.any()
+    assert compute_coco(a, k) == compute_coco(b, k)
+    assert compute_froc(a, per_class=True, num_classes=k)[0] == compute_froc(b, per_class=True, num_classes=k)[0]

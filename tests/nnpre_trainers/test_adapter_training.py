@@ -159,3 +159,46 @@ def test_probe_finetune_trains_heads_only(nnunet_root, tmp_path):
     for k, v in enc0.items():
         assert torch.equal(sd[k], v), f"frozen encoder tensor changed: {k}"
     assert any(not torch.equal(sd[k], v) for k, v in heads0.items()), "probe heads did not train"
+
+
+@pytest.mark.slow
+def test_lora_detection_encoder_frozen_and_merged_export_predicts(nnunet_root, tmp_path):
+    torch.set_num_threads(1)
+    from nnpre_testdata import write_raw_dataset
+
+    from nnpre.checkpoints import safe_load
+    from nnpre.cli.export import main as export_main
+    from nnpre.cli.predict import main as predict_main
+    from nnpre_trainers.adapters import get_adapter
+    from nnpre_trainers.aliases import nnPreDetectionTrainer
+    from nnpre_trainers.run import make_trainer
+
+    raw = write_raw_dataset(nnunet_root, did=45, n_cases=3)
+    r = plan_dataset(45, preset="cpu-tiny", num_processes=1)
+    ckpt = str(tmp_path / "pre.pth")
+    enc0 = _pretrained_checkpoint(r.plans, ckpt)
+    t = make_trainer(nnPreDetectionTrainer, 45, "nnPreResEncLPlans", fold="all", device="cpu", epochs=2, iterations=3)
+    t.num_val_iterations_per_epoch = 1
+    t.show_progress = False
+    t.configure_detection(pretrained=ckpt, head_channels=16, adapter=get_adapter("lora", rank=2))
+    assert "__pt_pre_lora" in t.output_folder
+    t.run_training()
+    final = os.path.join(t.output_folder, "checkpoint_final.pth")
+    sd = safe_load(final)["network_weights"]
+    for k, v in enc0.items():
+        assert torch.equal(sd[_adapted_key(sd, k)], v), f"frozen encoder tensor changed: {k}"
+    assert any(float(v.abs().max()) > 0 for k, v in sd.items() if ".lora_B." in k), "LoRA B never trained"
+
+    merged_dir = tmp_path / "merged_run"
+    shutil.copytree(os.path.dirname(t.output_folder), merged_dir)
+    merged_final = str(merged_dir / os.path.basename(t.output_folder) / "checkpoint_final.pth")
+    os.remove(merged_final)  # the copy of the unmerged checkpoint: replaced by the merged one
+    assert _run(export_main, [final, "-o", merged_final, "--full"]) == 0
+    merged = safe_load(merged_final)["network_weights"]
+    assert not any(".lora_" in k or ".base." in k for k in merged)
+    assert set(merged) == set(sd) - {k for k in sd if ".lora_" in k} - {k for k in sd if ".base." in k} | \
+        {k.replace(".base.", ".") for k in sd if ".base." in k}
+    out = tmp_path / "preds"
+    assert predict_main(["-i", os.path.join(raw, "imagesTr"), "-o", str(out), "-m",
+                         str(merged_dir / os.path.basename(t.output_folder)), "--device", "cpu"]) == 0
+    assert sorted(f for f in os.listdir(out) if f.endswith(".json")) == ["c000.json", "c001.json", "c002.json"]

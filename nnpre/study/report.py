@@ -174,6 +174,8 @@ def metric_figure(table: Table, grid: StudyGrid, task: str, metric: str, title: 
 def loss_figure(records: Mapping[str, dict], grid: StudyGrid):
     """Pretraining train loss (normalised to the first epoch) and fine-tuning train losses (smallest labelled
     size, seed 0)."""
+    from matplotlib.ticker import MaxNLocator
+
     from nnpre.plotting import legend_outside, new_figure
 
     n0, k = grid.labelled[0], 1 + len(grid.tasks)
@@ -192,6 +194,7 @@ def loss_figure(records: Mapping[str, dict], grid: StudyGrid):
         ax.set_title(f"{task} fine-tuning, {n0} labelled: train loss")
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         legend_outside(ax)
     return fig
 

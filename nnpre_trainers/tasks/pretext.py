@@ -137,48 +137,39 @@ class PretextTrainingTask(TrainingTask):
         return {"nnssl_adaptation_plan": d}
 
     def _plot_losses(self, trainer) -> None:
-        import matplotlib
+        from matplotlib.ticker import MaxNLocator
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from nnpre.atomic import write_with
+        from nnpre.plotting import figure_style, legend_outside, new_figure, save_figure
 
         log = trainer.logger.local_logger.my_fantastic_logging
-        with plt.style.context("default"):
-            fig, ax = plt.subplots(figsize=(6, 4))
+        with figure_style():  # own style: nnU-Net's progress plot sets seaborn's font_scale=2.5 globally
+            fig = new_figure(6, 4)
+            ax = fig.add_subplot(1, 1, 1)
             ep = np.arange(1, len(log["train_losses"]) + 1)
             ax.plot(ep, log["train_losses"], "-o", label="train")
             ax.plot(ep, log["val_losses"][: len(ep)], "-o", label="validation")
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(f"{self.pretext.name} loss")
             ax.set_title(f"Pretraining ({self.pretext.name})")
-            ax.legend()
-            fig.tight_layout()
-            write_with(lambda p: fig.savefig(p, dpi=90), os.path.join(trainer.output_folder, "progress_pretrain.png"))
-            plt.close(fig)
+            legend_outside(ax)
+            save_figure(fig, os.path.join(trainer.output_folder, "progress_pretrain.png"), dpi=90)
 
     def _save_preview(self, trainer, epoch: int) -> None:
         if self.last_val is None:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from nnpre.atomic import write_with
+        from nnpre.plotting import figure_style, new_figure, save_figure
 
         sample, pred = self.last_val
         vols = self.pretext.preview(sample, pred.float())
-        with plt.style.context("default"):
-            fig, axes = plt.subplots(1, len(vols), figsize=(3 * len(vols), 3.2))
-            for ax, (name, v) in zip(np.atleast_1d(axes), vols.items()):
+        with figure_style():
+            fig = new_figure(3 * len(vols), 3.2)
+            for i, (name, v) in enumerate(vols.items()):
+                ax = fig.add_subplot(1, len(vols), i + 1)
                 v = v.detach().float().cpu().numpy()
                 ax.imshow(v[v.shape[0] // 2], cmap="gray")
                 ax.set_title(name)
                 ax.axis("off")
             fig.suptitle(f"{self.pretext.name}, epoch {epoch + 1}")
-            fig.tight_layout()
             out = os.path.join(trainer.output_folder, "previews", f"epoch_{epoch + 1:04d}.png")
-            write_with(lambda p: fig.savefig(p, dpi=80), out)
-            plt.close(fig)
+            save_figure(fig, out, dpi=80)

@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--all-ious", action="store_true",
                      help="AP/FROC at IoU 0.1, 0.2, ..., 0.9 (nnDetection final evaluation) instead of 0.1, 0.5")
     det.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    ign = det.add_mutually_exclusive_group()
+    ign.add_argument("--ignore-csv", default=None,
+                     help="LUNA16 annotations_excluded.csv (seriesuid = case id, world mm): detections on these "
+                          "findings count neither as TP nor FP (MONAI gt_ignore semantics; default: off, "
+                          "nnDetection's numbers)")
+    ign.add_argument("--ignore-dir", default=None,
+                     help="folder of <case>_ignore.json files ({\"boxes\": [[6 values], ...]}, index space, "
+                          "nnDetection layout) used as ignore regions like --ignore-csv")
 
     seg = sub.add_parser("seg", help="segmentation Dice/IoU via nnU-Net's compute_metrics_on_folder")
     seg.add_argument("-p", "--pred", required=True, help="folder with predicted label maps")
@@ -103,10 +111,14 @@ def run(args: argparse.Namespace) -> dict:
         report = evaluate_detection(
             args.pred, args.gt, args.out, num_classes=args.num_classes, dataset_json=args.dataset_json,
             min_size=args.min_size, missing_predictions="empty" if args.missing_as_empty else "error",
-            per_class_froc=args.per_class_froc, all_ious=args.all_ious, plots=not args.no_plots)
+            per_class_froc=args.per_class_froc, all_ious=args.all_ious, plots=not args.no_plots,
+            ignore=args.ignore_csv or args.ignore_dir)
         info = report["info"]
         print(f"{info['num_cases']} cases, {info['num_gt']} objects, {info['num_predictions']} predictions, "
               f"{info['num_classes']} classes ({info['classes_source']})")
+        if "ignore" in info:
+            print(f"ignored: {info['ignore']['num_gt_ignored']} regions, predictions on them "
+                  f"{info['ignore']['num_predictions_ignored']}")
         for key in HEADLINE_KEYS:
             print(f"{key}: {report['metrics'][key]}")
     elif args.task == "seg-det":

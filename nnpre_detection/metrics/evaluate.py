@@ -32,6 +32,7 @@ from nnpre_detection.metrics.froc import FPI_THRESHOLDS, compute_froc
 from nnpre_detection.metrics.io import load_predictions
 from nnpre_detection.metrics.matching import MAX_DETECTIONS, match_cases
 from nnpre_detection.metrics.validate import (
+    as_boxes,
     check_ground_truth,
     check_prediction,
     check_prediction_geometry,
@@ -57,16 +58,24 @@ def to_json_ready(obj):
     return obj
 
 
-def _per_case_counts(match, case_ids: Sequence[str], n_pred: Mapping[str, int], iou: float) -> dict:
+def _per_case_counts(match, case_ids: Sequence[str], n_pred: Mapping[str, int], iou: float,
+                     with_ignore: bool = False) -> dict:
     t = match.threshold_index(iou)
     n = len(case_ids)
-    tp = np.bincount(match.det_case[match.det_matched[t]], minlength=n)
-    fp = np.bincount(match.det_case[~match.det_matched[t]], minlength=n)
-    n_gt = np.bincount(match.gt_case, minlength=n)
-    found = np.bincount(match.gt_case[match.gt_matched[t]], minlength=n)
-    return {c: {"num_gt": int(n_gt[i]), "num_pred": int(n_pred[c]), f"tp_IoU_{iou:.2f}": int(tp[i]),
-                f"fp_IoU_{iou:.2f}": int(fp[i]), f"fn_IoU_{iou:.2f}": int(n_gt[i] - found[i])}
-            for i, c in enumerate(case_ids)}
+    tp = np.bincount(match.det_case[match.det_true_positive[t]], minlength=n)
+    fp = np.bincount(match.det_case[match.det_false_positive[t]], minlength=n)
+    regular = ~match.gt_ignored  # ignored ground truth (gt_ignore) is neither found nor missed
+    n_gt = np.bincount(match.gt_case[regular], minlength=n)
+    found = np.bincount(match.gt_case[match.gt_matched[t] & regular], minlength=n)
+    out = {c: {"num_gt": int(n_gt[i]), "num_pred": int(n_pred[c]), f"tp_IoU_{iou:.2f}": int(tp[i]),
+               f"fp_IoU_{iou:.2f}": int(fp[i]), f"fn_IoU_{iou:.2f}": int(n_gt[i] - found[i])}
+           for i, c in enumerate(case_ids)}
+    if with_ignore:
+        n_ign = np.bincount(match.gt_case[~regular], minlength=n)
+        d_ign = np.bincount(match.det_case[match.det_ignored[t]], minlength=n)
+        for i, c in enumerate(case_ids):
+            out[c].update({"num_gt_ignored": int(n_ign[i]), f"ignored_pred_IoU_{iou:.2f}": int(d_ign[i])})
+    return out
 
 
 def evaluate_boxes(
@@ -80,6 +89,7 @@ def evaluate_boxes(
     missing_predictions: str = "error",
     pred_source: str = "predictions",
     gt_source: str = "ground truth",
+    ignore: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> dict:
     """All detection metrics for in-memory predictions and ground truth.
 
@@ -94,6 +104,10 @@ def evaluate_boxes(
         float_mode: see :mod:`nnpre_detection.metrics.coco`.
         missing_predictions: ``"error"`` or ``"empty"`` for ground-truth cases without predictions.
         pred_source, gt_source: folder names for error messages.
+        ignore: optional ignore regions ``{case: {"boxes" (K, 6), "classes" (K,)}}`` (e.g. LUNA16's excluded
+            findings, :mod:`nnpre_detection.metrics.ignore`): ignored ground truth with COCO/MONAI ``gt_ignore``
+            semantics (a detection on one is neither TP nor FP; it is no positive). None (default) = nnDetection's
+            numbers; then the report has no ignore keys.
 
     Returns:
         ``{"metrics": {key: float}, "froc": {...}, "pr_curves": {...}, "per_case": {...}, "info": {...}}``
@@ -119,7 +133,12 @@ def evaluate_boxes(
     known = None if classes is None else classes.num_classes
     empty_pred = {"boxes": np.zeros((0, 6), np.float32), "scores": np.zeros(0, np.float32),
                   "labels": np.zeros(0, np.int64)}
-    pb, ps, pl, gb, gl, n_pred = [], [], [], [], [], {}
+    if ignore is not None:
+        stray = sorted(set(ignore) - set(ground_truth))
+        if stray:
+            fail(f"ignore regions for {len(stray)} case(s) without ground truth in {gt_source}: {stray[:5]}; "
+                 f"remove them or add their labels")
+    pb, ps, pl, gb, gl, n_pred, g_ign = [], [], [], [], [], {}, []
     for c in case_ids:
         p = predictions.get(c, empty_pred)
         b, s, l_ = check_prediction(p["boxes"], p["scores"], p["labels"], known, f"{pred_source}/{c}.json")
@@ -127,6 +146,13 @@ def evaluate_boxes(
         gbx, gcl = check_ground_truth(g["boxes"], g["classes"], known, f"{gt_source} case {c}")
         pb.append(b), ps.append(s), pl.append(l_), gb.append(np.asarray(gbx, dtype=np.float64)), gl.append(gcl)
         n_pred[c] = len(b)
+        if ignore is not None and c in ignore:
+            ib = as_boxes(ignore[c]["boxes"], f"ignore regions of case {c}")
+            ib, ic = check_ground_truth(ib, ignore[c].get("classes", np.zeros(len(ib), np.int64)), known,
+                                        f"ignore regions of case {c}")
+            g_ign.append((np.asarray(ib, dtype=np.float64), ic))
+        elif ignore is not None:
+            g_ign.append((np.zeros((0, 6)), np.zeros(0, np.int64)))
     if classes is None:
         k = max([int(g.max()) for g in gl if g.size] + [0]) + 1
         classes = DetectionClasses(k, tuple(str(i) for i in range(k)), "inferred from ground truth (max class + 1)")
@@ -135,12 +161,21 @@ def evaluate_boxes(
             fail(f"{pred_source}/{too_big[0][0]}.json: unknown class id {too_big[0][1]}: the ground truth only has "
                  f"classes 0..{k - 1}; pass the number of classes (or a dataset.json) to evaluate it")
     k = classes.num_classes
+    gt_ignore = None
+    if ignore is not None:  # ignore boxes go after each case's regular ground truth, flagged
+        bad = [(c, int(ic.max())) for c, (_, ic) in zip(case_ids, g_ign) if ic.size and ic.max() >= k]
+        if bad:
+            fail(f"ignore regions of case {bad[0][0]}: class id {bad[0][1]} but the evaluation has classes "
+                 f"0..{k - 1}; give the ignore boxes a class of the dataset")
+        gt_ignore = [np.r_[np.zeros(len(g), bool), np.ones(len(ic), bool)] for g, (_, ic) in zip(gl, g_ign)]
+        gb = [np.concatenate([g, ib]) for g, (ib, _) in zip(gb, g_ign)]
+        gl = [np.concatenate([g, ic]).astype(np.int64) for g, (_, ic) in zip(gl, g_ign)]
 
     iou_list = tuple(float(t) for t in iou_list)
     coco_thr, _, _ = coco_iou_thresholds(iou_list, IOU_RANGE)
     thresholds = np.union1d(coco_thr, np.asarray(iou_list, dtype=np.float64))
     match = match_cases(pb, ps, pl, gb, gl, thresholds, max_detections=max_detections, num_classes=k,
-                        validate=False)
+                        validate=False, gt_ignore=gt_ignore)
     index_names = [str(i) for i in range(k)]
     ap, pr_curves = compute_coco(match, k, iou_list=iou_list, iou_range=IOU_RANGE, max_detections=max_detections,
                                  class_names=index_names, float_mode=float_mode, return_curves=True)
@@ -153,11 +188,11 @@ def evaluate_boxes(
         "metrics": metrics,
         "froc": froc_curves,
         "pr_curves": pr_curves,
-        "per_case": _per_case_counts(match, case_ids, n_pred, iou_list[0]),
+        "per_case": _per_case_counts(match, case_ids, n_pred, iou_list[0], with_ignore=ignore is not None),
         "info": {
             "num_cases": len(case_ids),
             "cases_without_prediction_file": missing,
-            "num_gt": int(match.gt_case.size),
+            "num_gt": int(np.count_nonzero(~match.gt_ignored)),
             "num_predictions": int(sum(n_pred.values())),
             "num_predictions_evaluated": int(match.det_case.size),
             "num_classes": k,
@@ -169,8 +204,30 @@ def evaluate_boxes(
             "fpi_thresholds": list(FPI_THRESHOLDS),
             "float_mode": float_mode,
             "box_layout": "(a0_1, a1_1, a0_2, a1_2, a2_1, a2_2) voxel indices of the GetArrayFromImage array",
+            **({} if ignore is None else {"ignore": {
+                "num_gt_ignored": int(np.count_nonzero(match.gt_ignored)),
+                "num_cases_with_ignored_gt": int(np.unique(match.gt_case[match.gt_ignored]).size),
+                "num_predictions_ignored": {f"IoU_{t:.2f}": int(match.det_ignored[match.threshold_index(t)].sum())
+                                            for t in iou_list},
+                "semantics": "COCO/MONAI gt_ignore: a detection may take an ignored box only when no regular box "
+                             "is available; it then counts neither as TP nor FP; ignored boxes are no positives"}}),
         },
     }
+
+
+def _case_geometry(preds: Mapping, gt_folder: str, case: str) -> dict | None:
+    """Image geometry of a case (SimpleITK order): its prediction JSON's, else its ground-truth image header."""
+    geo = (preds.get(case) or {}).get("geometry") or {}
+    if all(geo.get(k) is not None for k in ("spacing", "origin", "direction")):
+        return geo
+    from nnpre.image_io import read_header
+    from nnpre_detection.metrics.validate import _gt_label_file
+
+    label = _gt_label_file(gt_folder, case)
+    if label is None:
+        return None
+    _, spacing, origin, direction = read_header(label)
+    return {"spacing": spacing, "origin": origin, "direction": direction}
 
 
 def evaluate_detection(
@@ -185,6 +242,8 @@ def evaluate_detection(
     all_ious: bool = False,
     plots: bool = True,
     float_mode: str = "nndet",
+    ignore: str | Mapping | None = None,
+    ignore_margin: float | None = None,
 ) -> dict:
     """Evaluate a folder of prediction JSON files against a ground-truth folder.
 
@@ -204,6 +263,12 @@ def evaluate_detection(
             (0.1, 0.5).
         plots: write the PNG plots (needs ``output_file``).
         float_mode: see :mod:`nnpre_detection.metrics.coco`.
+        ignore: ignore regions (default None = off, nnDetection's numbers): LUNA16's ``annotations_excluded.csv``
+            (world mm; placed with the geometry of each case's prediction JSON, else of its ground-truth image), a
+            folder of ``<case>_ignore.json`` index-space boxes, or ``{case: {"boxes", "classes"}}``; see
+            :mod:`nnpre_detection.metrics.ignore`.
+        ignore_margin: voxels added around each CSV sphere (default
+            :data:`~nnpre_detection.metrics.ignore.DEFAULT_MARGIN` = 1, nnDetection's box convention).
 
     Returns:
         The report (JSON-ready: NaN/inf as None).
@@ -214,9 +279,18 @@ def evaluate_detection(
     gt = load_ground_truth(gt_folder, min_size=min_size, semantic_classes=semantic)
     preds = load_predictions(pred_folder)
     check_prediction_geometry(preds, gt_folder, pred_folder)  # same image grid as the ground truth
+    ignore_info = None
+    if isinstance(ignore, (str, os.PathLike)):
+        from nnpre_detection.metrics.ignore import DEFAULT_MARGIN, load_ignore
+
+        ignore, ignore_info = load_ignore(
+            os.fspath(ignore), sorted(gt), lambda case: _case_geometry(preds, gt_folder, case),
+            DEFAULT_MARGIN if ignore_margin is None else float(ignore_margin))
     report = evaluate_boxes(preds, gt, classes, iou_list=iou_list_full() if all_ious else IOU_LIST_FAST,
                             per_class_froc=per_class_froc, missing_predictions=missing_predictions,
-                            float_mode=float_mode, pred_source=pred_folder, gt_source=gt_folder)
+                            float_mode=float_mode, pred_source=pred_folder, gt_source=gt_folder, ignore=ignore)
+    if ignore_info is not None:
+        report["info"]["ignore"].update(ignore_info)
     report = {"task": "detection", "prediction_folder": os.path.abspath(pred_folder),
               "ground_truth_folder": os.path.abspath(gt_folder), **report}
     if output_file is not None:

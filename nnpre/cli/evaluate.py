@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     ign = det.add_mutually_exclusive_group()
     ign.add_argument("--ignore-csv", default=None,
-                     help="LUNA16 annotations_excluded.csv (seriesuid = case id, world mm): detections on these "
-                          "findings count neither as TP nor FP (MONAI gt_ignore semantics; default: off, "
-                          "nnDetection's numbers)")
+                     help="LUNA16 annotations_excluded.csv (seriesuid = case id, world mm) as ignore regions: a "
+                          "detection matched to such a finding counts neither as TP nor FP (MONAI gt_ignore "
+                          "semantics; default: off, nnDetection's numbers)")
     ign.add_argument("--ignore-dir", default=None,
                      help="folder of <case>_ignore.json files ({\"boxes\": [[6 values], ...]}, index space, "
                           "nnDetection layout) used as ignore regions like --ignore-csv")

@@ -159,6 +159,8 @@ def test_probe_finetune_trains_heads_only(nnunet_root, tmp_path):
     for k, v in enc0.items():
         assert torch.equal(sd[k], v), f"frozen encoder tensor changed: {k}"
     assert any(not torch.equal(sd[k], v) for k, v in heads0.items()), "probe heads did not train"
+    t.perform_actual_validation(False)  # nnU-Net's sliding-window validation runs the probe network as it is
+    assert os.path.isfile(os.path.join(t.output_folder, "validation", "summary.json"))
 
 
 @pytest.mark.slow

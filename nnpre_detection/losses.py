@@ -1,7 +1,7 @@
 """Retina U-Net losses (nnDetection v001, detection.md §1.7).
 
 * classification: sigmoid binary cross-entropy on one-hot foreground targets (background = all zeros), mean
-  over sampled anchors x classes;
+  over sampled anchors x classes (:func:`sigmoid_focal_loss` over all anchors is the small-budget option);
 * regression: GIoU between the decoded boxes of the sampled positives and their matched boxes,
   ``sum(1 - GIoU) / max(1, #positives)`` (nnDetection reports ``-sum(GIoU)``; same gradient, shifted value);
 * segmentation: ``0.5 * CE + 0.5 * (1 - soft Dice)`` on the fg/bg logits, soft Dice with softmax, batch Dice,
@@ -35,6 +35,31 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     fg = labels > 0
     target[fg, labels[fg] - 1] = 1.0
     return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="mean")
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, labels: torch.Tensor, num_positives: int, alpha: float = 0.25,
+                       gamma: float = 2.0) -> torch.Tensor:
+    """RetinaNet's dense focal loss (Lin et al. 2017) over all anchors, normalised by the number of positives.
+
+    ``FL = -alpha_t (1 - p_t)^gamma log(p_t)``, summed over anchors x classes and divided by
+    ``max(1, num_positives)``; anchors with label < 0 are ignored.
+
+    Args:
+        logits: (A, C) logits. labels: (A,) long, 0 = background, c + 1 = class c, < 0 = ignored.
+        num_positives: normaliser. alpha / gamma: RetinaNet's 0.25 / 2.
+    """
+    valid = labels >= 0
+    logits, labels = logits[valid].float(), labels[valid]
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    target = torch.zeros_like(logits)
+    fg = labels > 0
+    target[fg, labels[fg] - 1] = 1.0
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    a_t = alpha * target + (1 - alpha) * (1 - target)
+    return (a_t * (1 - p_t) ** gamma * ce).sum() / max(1, int(num_positives))
 
 
 def giou_loss(pred_boxes: torch.Tensor, target_boxes: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from nnpre_detection.boxes import box_size, clip_boxes
 from nnpre_detection.coder import DEFAULT_CLIP, BoxCoder
 from nnpre_detection.decoder import UFPNDecoder, ufpn_channels
 from nnpre_detection.heads import ClassificationHead, RegressionHead, SegmentationHead
-from nnpre_detection.losses import classification_loss, giou_loss, segmentation_losses
+from nnpre_detection.losses import classification_loss, giou_loss, segmentation_losses, sigmoid_focal_loss
 from nnpre_detection.nms import batched_nms
 from nnpre_detection.sampler import HardNegativeSampler
 
@@ -82,6 +82,10 @@ class RetinaUNetConfig:
         num_candidates / center_in_gt: ATSS (4 / False).
         batch_size_per_image / positive_fraction / pool_size / min_neg: hard-negative sampler (32/0.33/20/1).
         seg_ce_weight / seg_dice_weight: segmentation loss weights (0.5 / 0.5).
+        cls_loss: ``"bce"`` (nnDetection: BCE on the hard-negative sampler's anchors, GIoU on its positives) or
+            ``"focal"`` (RetinaNet's dense sigmoid focal loss over all anchors, GIoU on all matched anchors; the
+            small-budget option, see :mod:`nnpre_detection.recipe`).
+        focal_alpha / focal_gamma: focal loss parameters (RetinaNet: 0.25 / 2).
         coder_weights / coder_clip: box coder (all 1 / log(1000/16)).
         topk_candidates / score_thresh / min_box_size / nms_iou / detections_per_image: patch post-processing
             (10000 / 0.0 / 0.01 / 0.6 / 100).
@@ -104,6 +108,9 @@ class RetinaUNetConfig:
     min_neg: int = 1
     seg_ce_weight: float = 0.5
     seg_dice_weight: float = 0.5
+    cls_loss: str = "bce"
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
     coder_weights: Tuple[float, ...] = (1.0,) * 6
     coder_clip: float = DEFAULT_CLIP
     topk_candidates: int = 10000
@@ -119,6 +126,8 @@ class RetinaUNetConfig:
         unknown = sorted(set(overrides) - known)
         if unknown:
             fail(f"unknown Retina U-Net option(s) {unknown}; valid: {sorted(known)}")
+        if overrides.get("cls_loss", "bce") not in ("bce", "focal"):
+            fail(f"Retina U-Net option cls_loss must be 'bce' or 'focal', got {overrides['cls_loss']!r}")
         return dataclasses.replace(self, **overrides)
 
 
@@ -270,12 +279,17 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
             lab[fg] = gt_labels[idx[fg]] + 1
             labels.append(lab)
             matched_boxes.append(gt_boxes[idx.clamp(min=0)] if gt_boxes.shape[0] else torch.zeros_like(anchors))
-        fg_probs = torch.sigmoid(cls_logits.detach().float()).max(dim=2).values
-        pos, neg = self.sampler(labels, list(fg_probs), generator or self._generator)
-
-        sel_logits = torch.cat([cls_logits[i][pos[i] | neg[i]] for i in range(batch)])
-        sel_labels = torch.cat([labels[i][pos[i] | neg[i]] for i in range(batch)])
-        cls = classification_loss(sel_logits, sel_labels)
+        if self.config.cls_loss == "focal":
+            pos = [lab > 0 for lab in labels]
+            cls = sigmoid_focal_loss(cls_logits.reshape(-1, cls_logits.shape[2]), torch.cat(labels),
+                                     int(sum(int(p.sum()) for p in pos)), self.config.focal_alpha,
+                                     self.config.focal_gamma)
+        else:
+            fg_probs = torch.sigmoid(cls_logits.detach().float()).max(dim=2).values
+            pos, neg = self.sampler(labels, list(fg_probs), generator or self._generator)
+            sel_logits = torch.cat([cls_logits[i][pos[i] | neg[i]] for i in range(batch)])
+            sel_labels = torch.cat([labels[i][pos[i] | neg[i]] for i in range(batch)])
+            cls = classification_loss(sel_logits, sel_labels)
 
         pred = torch.cat([self.coder.decode(box_deltas[i][pos[i]], anchors[pos[i]]) for i in range(batch)])
         target_boxes = torch.cat([matched_boxes[i][pos[i]] for i in range(batch)])

@@ -192,3 +192,22 @@ def test_overfit_one_sphere(one_thread):
     det.eval()
     best = det.predict_patch(image)[0]
     assert box_iou(best["boxes"][:1], target["boxes"]).item() > 0.3
+
+
+def test_focal_option_trains_all_anchors(one_thread):
+    """cls_loss='focal' (small-budget option): dense loss over every anchor, loss falls on one sphere."""
+    torch.manual_seed(0)
+    det = build_retina_unet(RESENC, arch_kwargs(), 1, 1, head_channels=16, seed=0, cls_loss="focal")
+    image, mask = sphere_patch()
+    target = sphere_target(mask)
+    opt = torch.optim.Adam(det.parameters(), lr=1e-3)
+    cls = []
+    for _ in range(8):
+        opt.zero_grad()
+        losses = det(image, [target])
+        losses["loss"].backward()
+        opt.step()
+        cls.append(losses["cls"].item())
+    assert all(np.isfinite(cls)) and cls[-1] < cls[0]
+    with pytest.raises(NnPreError, match="cls_loss"):
+        build_retina_unet(RESENC, arch_kwargs(), 1, 1, cls_loss="softmax")

@@ -134,11 +134,11 @@ def expand_int_list(value: Any, n: int) -> List[int]:
 
 # ---------------------------------------------------------------------------------------------- built networks
 def unwrap(network: nn.Module) -> nn.Module:
-    """The network under DistributedDataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    """The network under (Distributed)DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
     changed = True
     while changed:
         changed = False
-        if isinstance(network, nn.parallel.DistributedDataParallel):
+        if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             network, changed = network.module, True
         orig = getattr(network, "_orig_mod", None)
         if isinstance(orig, nn.Module):

@@ -136,7 +136,8 @@ class PretrainedCheckpoint:
         plan: the checkpoint's :class:`AdaptationPlan` (or the one derived / defaulted for it).
         source_format: 'nnpre' | 'nnssl' | 'nnunet'.
         path: the file it was read from.
-        meta: small facts about the source (trainer_name, current_epoch, whether the plan was defaulted).
+        meta: small facts about the source (trainer_name, current_epoch, how the plan was obtained,
+            ``strides_known``, the checkpoint's ``citations`` list if it has one).
     """
 
     state_dict: "OrderedDict[str, torch.Tensor]"
@@ -217,6 +218,8 @@ def pretrained_from_dict(ckpt: Mapping[str, Any], path: str = "<memory>") -> Pre
         fail(f"{path}: network_weights['{bad[0]}'] is not a tensor; the checkpoint is malformed")
     sd = strip_prefixes(sd)
     meta = {k: ckpt[k] for k in ("trainer_name", "current_epoch") if k in ckpt and isinstance(ckpt[k], (str, int))}
+    if isinstance(ckpt.get("citations"), list):  # nnssl release checkpoints: papers to cite
+        meta["citations"] = [c for c in ckpt["citations"] if isinstance(c, dict)]
     raw_plan = ckpt.get(ADAPTATION_PLAN_KEY)
     if raw_plan is not None:
         plan = AdaptationPlan.from_dict(raw_plan, source=path)

@@ -9,13 +9,23 @@ import torch
 
 from nnpre.errors import fail
 from nnpre.nnunet_env import dataset_name, require_env
+from nnpre.plans_lookup import canonical_architecture
 from nnpre.presets import get_preset
 
 #: ``-pl`` short names → plans identifiers written by nnPre_plan.
 PLANS_ALIASES = {"resenc-l": "nnPreResEncLPlans", "plain": "nnPrePlans"}
 
 
-def resolve_plans_name(pl: Optional[str]) -> str:
+def resolve_plans_name(pl: Optional[str], dataset: str | int | None = None, pretrained: Optional[str] = None) -> str:
+    """``-pl`` → plans identifier; without ``-pl``, the plans ``nnPre_plan --like PRETRAINED`` (or nnU-Net
+    master's ``like_nnssl``) wrote for the checkpoint (:func:`nnpre.plans_lookup.find_plans_for_checkpoint`)."""
+    if pl is None and pretrained and dataset is not None:
+        from nnpre.plans_lookup import find_plans_for_checkpoint
+
+        found = find_plans_for_checkpoint(dataset, pretrained)
+        if found:
+            print(f"plans: {found} (written for {pretrained})")
+            return found
     return PLANS_ALIASES.get(pl or "resenc-l", pl or "nnPreResEncLPlans")
 
 
@@ -45,7 +55,7 @@ def make_trainer(trainer_class: Type, dataset: str | int, plans_name: str = "nnP
     if not os.path.isfile(plans_file):
         fail(f"{plans_file} does not exist; run nnPre_plan -d {dataset} first (or pass the right -pl)")
     with open(plans_file) as f:
-        plans = json.load(f)
+        plans = canonical_architecture(json.load(f))  # nnssl preset names in like_nnssl plans → buildable
     if configuration not in plans.get("configurations", {}):
         fail(f"{plans_file} has no configuration '{configuration}'; re-run nnPre_plan")
     data_folder = os.path.join(folder, plans["configurations"][configuration]["data_identifier"])

@@ -7,7 +7,8 @@ Examples::
     nnPre_export pretrain/checkpoint_final.pth -o mae_full_3ch.pth --full --input-channels 3
 
 (a) ``--encoder-only``: ``network_weights`` restricted to the encoder and stem keys, plus the
-``nnssl_adaptation_plan``; the nnssl / nnU-Net ``PretrainedTrainer`` convention. Loads with
+``nnssl_adaptation_plan`` and ``citations`` (:mod:`nnpre.citations`); the nnssl / nnU-Net master
+``PretrainedTrainer`` convention. Loads with
 ``torch.load(..., weights_only=True)``.
 
 (b) ``--full``: every key of the planned network except the segmentation layers (all aliases included:
@@ -52,8 +53,15 @@ def encoder_checkpoint(ck: PretrainedCheckpoint) -> Dict[str, Any]:
     return {
         "network_weights": weights,
         ADAPTATION_PLAN_KEY: ck.plan.to_dict(),
+        "citations": _citations(ck),
         "nnpre_export": {"kind": "encoder", "source": os.path.basename(ck.path), "source_format": ck.source_format},
     }
+
+
+def _citations(ck: PretrainedCheckpoint) -> List[Dict[str, Any]]:
+    from nnpre.citations import citations_for
+
+    return citations_for(ck.plan.pretext, ck.plan.network_class_name, ck.meta.get("citations"))
 
 
 def full_checkpoint(ck: PretrainedCheckpoint, input_channels: Optional[int] = None,
@@ -107,6 +115,7 @@ def full_checkpoint(ck: PretrainedCheckpoint, input_channels: Optional[int] = No
     return {
         "network_weights": weights,
         ADAPTATION_PLAN_KEY: plan,
+        "citations": _citations(ck),
         "nnpre_export": {"kind": "full", "source": os.path.basename(ck.path), "source_format": ck.source_format,
                          "input_channels": c_down, "remapped": remapped},
     }, dropped

@@ -18,8 +18,9 @@ from nnpre.cli._common import add_root_argument, apply_root, cli_entry
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
-    p.add_argument("-pl", "--plans", default="resenc-l",
-                   help="resenc-l (nnPreResEncLPlans, default), plain (nnPrePlans) or a plans identifier")
+    p.add_argument("-pl", "--plans", default=None,
+                   help="resenc-l (nnPreResEncLPlans, default), plain (nnPrePlans) or a plans identifier; with "
+                        "--pretrained CKPT the default is the plans nnPre_plan --like CKPT wrote")
     p.add_argument("-c", "--configuration", default="3d_fullres")
     p.add_argument("-f", "--fold", default=None, help="fold (0-4) or 'all'")
     p.add_argument("--preset", default=None, help="training length preset (default: the one in the plans)")
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from nnpre_trainers.trainer import ddp_setup_from_env
 
     ddp_setup_from_env()
-    plans = resolve_plans_name(args.plans)
+    plans = resolve_plans_name(args.plans, args.dataset, getattr(args, "pretrained", None))
     common = dict(dataset=args.dataset, plans_name=plans, configuration=args.configuration, device=args.device,
                   continue_training=args.resume, preset=args.preset, epochs=args.epochs, iterations=args.iterations)
     if args.command == "pretrain":

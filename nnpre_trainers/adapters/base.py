@@ -30,17 +30,12 @@ from typing import Any, Dict, List, Tuple
 
 from torch import nn
 
+from nnpre.architecture import unwrap
+
 #: Prefix of the transferred (pretrained) encoder in every nnpre network.
 ENCODER_PREFIX = "encoder."
 
 
-def unwrap(network: nn.Module) -> nn.Module:
-    """The bare network inside DistributedDataParallel (``.module``) / ``torch.compile`` (``._orig_mod``)."""
-    net = network
-    for attr in ("module", "_orig_mod"):
-        while isinstance(getattr(net, attr, None), nn.Module):
-            net = getattr(net, attr)
-    return net
 
 
 def _canonical(names: List[str]) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from nnpre.architecture import unwrap
 from nnpre.errors import fail
 
 #: attribute under which the trainer registers ``build_conditioning``'s module on the network
@@ -190,15 +191,8 @@ def numpy_rng(generator: torch.Generator) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(network, "_orig_mod"):
-            network = network._orig_mod
-        elif isinstance(network, nn.parallel.DistributedDataParallel):
-            network = network.module
-        else:
-            return network
+#: Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers (one implementation for all of nnpre).
+unwrap_network = unwrap
 
 
 def attach_conditioning(network: nn.Module, task: PretextTask) -> Optional[nn.Module]:

@@ -83,13 +83,14 @@ def test_pretrain_own_folder_then_finetune_from_nnssl(nnunet_root, tmp_path, cap
                           "--no-validation", *TINY]) == 0  # nnU-Net's validation alone takes ~25 s here
     out = capsys.readouterr().out
     ft_run = os.path.join(root, "nnUNet_results", "Dataset031_T",
-                          "nnPreFineTuneTrainer__nnPreResEncLPlans__3d_fullres__pt_mae_encoder", "fold_all")
+                          "nnPreFineTuneTrainer__nnPrePlans__mae_encoder__3d_fullres__pt_mae_encoder", "fold_all")
     report = os.path.join(ft_run, "pretrained_transfer.json")
     rep = json.load(open(report))
     assert f"transfer report: {report} ({len(rep['loaded'])} keys loaded" in out
     assert len(rep["loaded"]) > 10 and all(k.startswith("encoder.") for k in rep["loaded"])
     assert rep["missing"] and not rep["remapped"]  # decoder left at init, same channel count
-    plans = json.load(open(os.path.join(root, "nnUNet_preprocessed", "Dataset031_T", "nnPreResEncLPlans.json")))
+    plans = json.load(open(os.path.join(root, "nnUNet_preprocessed", "Dataset031_T",
+                                        "nnPrePlans__mae_encoder.json")))  # --like names the plans after the file
     arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     assert arch["features_per_stage"] == enc["nnssl_adaptation_plan"]["architecture_plans"]["arch_kwargs"][
         "features_per_stage"]  # planned --like the checkpoint

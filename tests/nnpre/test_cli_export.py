@@ -140,3 +140,66 @@ def test_cli_argument_errors(tmp_path, pretrained, capsys):
     assert e.value.code == 2 and "only apply to --full" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(f), "-o", str(tmp_path / "x.pth"), "--full", "--encoder-only"])  # argparse: exclusive
+
+
+def _load_as_nnunet_master(path, c_down, n_classes=2):
+    """Read an export through the fields nnU-Net master reads (commit 887c02ee, ``like_nnssl.py``
+    ``preprocess_like_nnssl`` and ``PretrainedTrainer.load_pretrained_weights``) and load it the same way:
+    strict ``load_state_dict`` on ``get_submodule(key_to_encoder)`` / ``get_submodule(key_to_stem)``, the stem's
+    first in-projection repeated over the downstream channels / C_down. Returns (network, fields)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    ck = torch.load(path, weights_only=True, map_location="cpu")
+    ap = ck["nnssl_adaptation_plan"]
+    citations = ck["citations"] if "citations" in ck else []
+    config = list(ap["pretrain_plan"]["configurations"].keys())[0]
+    arch = dict(ap["architecture_plans"])
+    fields = {
+        "network_class_name": arch.pop("arch_class_name"),
+        "_kw_requires_import": arch.pop("arch_kwargs_requiring_import"),
+        "arch_kwargs": arch["arch_kwargs"],
+        "spacing": ap["pretrain_plan"]["configurations"][config]["spacing"],
+        "pt_used_patchsize": ap["pretrain_plan"]["configurations"][config]["patch_size"],
+        "key_to_encoder": ap["key_to_encoder"], "key_to_stem": ap["key_to_stem"],
+        "keys_to_in_proj": ap["keys_to_in_proj"], "key_to_lpe": ap["key_to_lpe"],
+        "pt_num_in_channels": ap["pretrain_num_input_channels"],
+        "pt_recommended_downstream_patchsize": ap["recommended_downstream_patchsize"],
+        "citations": citations,
+    }
+    # nnU-Net 2.8.1 resolves the short class name by searching dynamic_network_architectures
+    net = get_network_from_plans(fields["network_class_name"], fields["arch_kwargs"], fields["_kw_requires_import"],
+                                 c_down, n_classes, allow_init=True, deep_supervision=False)
+    sd = ck["network_weights"]
+    enc_key, stem_key = fields["key_to_encoder"], fields["key_to_stem"]
+    enc = {k[len(enc_key) + 1:]: v for k, v in sd.items() if k.startswith(enc_key)}
+    stem = {k[len(stem_key) + 1:]: v for k, v in sd.items() if k.startswith(stem_key)}
+    if c_down > fields["pt_num_in_channels"]:
+        w = sd[fields["keys_to_in_proj"][0] + ".weight"].repeat(1, c_down, 1, 1, 1) / c_down
+        for k in fields["keys_to_in_proj"]:
+            stem[k[len(stem_key) + 1:] + ".weight"] = w
+    net.get_submodule(net.key_to_encoder).load_state_dict(enc)
+    net.get_submodule(net.key_to_stem).load_state_dict(stem)
+    return net, fields
+
+
+@pytest.mark.parametrize("c_down", [1, 3])
+def test_encoder_export_loads_through_nnunet_master_fields(tmp_path, pretrained, c_down):
+    f, plan, src = pretrained
+    out = tmp_path / "enc.pth"
+    assert main([str(f), "-o", str(out)]) == 0
+    net, fields = _load_as_nnunet_master(out, c_down)
+    assert fields["network_class_name"] == "ResidualEncoderUNet" and fields["arch_kwargs"] == plan.arch_kwargs
+    assert fields["key_to_encoder"] == net.key_to_encoder and fields["key_to_stem"] == net.key_to_stem
+    assert list(fields["keys_to_in_proj"]) == list(net.keys_to_in_proj) and fields["key_to_lpe"] is None
+    assert fields["pt_num_in_channels"] == 1 and fields["spacing"] == plan.spacing
+    assert fields["pt_recommended_downstream_patchsize"] == plan.recommended_downstream_patchsize
+    # every encoder tensor bit-identical (the stem's in-projection remapped by master's rule for c_down > 1)
+    got = net.state_dict()
+    enc_keys = [k for k in src if k.startswith("encoder.")]
+    same = [k for k in enc_keys if torch.equal(got[k], src[k])]
+    assert len(same) == len(enc_keys) - (2 if c_down > 1 else 0)
+    # citations as nnU-Net master prints them: type, name, apa_citations
+    cits = fields["citations"]
+    assert cits and all({"type", "name", "apa_citations"} <= set(c) for c in cits)
+    assert any(c["type"] == "pretraining method" and "Ho, J." in c["apa_citations"][0] for c in cits)  # diffusion
+    assert any(c["name"] == "nnU-Net" for c in cits)

@@ -66,6 +66,7 @@ def test_same_seed_same_weights(pool):
     sds = []
     for _ in range(2):
         t = _trainer("mg", epochs=1, iterations=3, seed=7)
+        t.overwrite = True  # the second run replaces the first, finished one
         t.run_training()
         sds.append({k: v.clone() for k, v in t.unwrapped_network.state_dict().items()})
     assert all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])

@@ -3,11 +3,16 @@
 nnU-Net's ``nnUNetTrainer.train_step`` does: ``zero_grad`` → forward under CUDA autocast → backward through
 the AMP grad scaler → unscale → clip the gradient norm at 12 → step. nnssl and nnDetection use the same
 sequence and clip value. This module holds that sequence once; the task only supplies the loss.
+
+Mixed precision is decided here only (:func:`amp_dtype`): ``"auto"`` is nnU-Net's behaviour (autocast with
+``torch.autocast``'s CUDA default float16 + a ``GradScaler`` on CUDA, full fp32 on CPU); ``"fp16"`` (CUDA only,
+with the scaler), ``"bf16"`` (CUDA or CPU, no scaler: bfloat16 has float32's exponent range) and ``"off"`` choose
+explicitly. Parameters, optimizer state and gradients stay float32 in every mode (autocast only casts op inputs).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -18,16 +23,55 @@ from nnpre.errors import fail
 GRAD_CLIP = 12.0
 
 
-def autocast_for(device: torch.device):
-    """CUDA autocast (mixed precision) on GPU, a no-op context on CPU (as nnU-Net)."""
-    if device.type == "cuda":
-        return torch.autocast(device.type, enabled=True)
-    return contextlib.nullcontext()
+#: ``nnPre_train --amp`` choices (see the module doc).
+AMP_CHOICES = ("auto", "off", "fp16", "bf16")
+_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+#: What :func:`autocast_for` / :func:`train_step` accept: an ``AMP_CHOICES`` name, a dtype, or None (= off).
+Amp = Union[str, torch.dtype, None]
+
+
+def amp_dtype(amp: Amp, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of mode ``amp`` on ``device`` (None = no autocast, plain fp32).
+
+    ``"auto"`` → float16 on CUDA (``torch.autocast("cuda")``'s default, nnU-Net's ``train_step``), None on
+    CPU/MPS (nnU-Net autocasts on CUDA only); ``"off"`` / None → None; ``"fp16"`` → float16 (CUDA only: a one-line
+    error elsewhere); ``"bf16"`` → bfloat16 (CUDA or CPU); a ``torch.dtype`` is returned as given.
+    """
+    device = torch.device(device)
+    if amp is None or isinstance(amp, torch.dtype):
+        return amp
+    if amp not in AMP_CHOICES:
+        fail(f"unknown mixed-precision mode '{amp}'; choose one of {', '.join(AMP_CHOICES)}")
+    if amp == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if amp == "fp16" and device.type != "cuda":
+        fail(f"--amp fp16 needs a CUDA device (this run is on {device.type}); use --amp bf16 or --amp off")
+    return _AMP_DTYPES.get(amp)
+
+
+def autocast_for(device: torch.device, amp: Amp = "auto"):
+    """Autocast context of mode ``amp`` on ``device`` (:func:`amp_dtype`); a no-op context when it is off.
+
+    The default ``"auto"`` is nnU-Net's: float16 autocast on CUDA, nothing on CPU."""
+    device = torch.device(device)
+    dtype = amp_dtype(amp, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, enabled=True)
+
+
+def make_grad_scaler(device: torch.device, amp: Amp = "auto") -> Optional[torch.amp.GradScaler]:
+    """nnU-Net's loss scaler where it is needed: float16 autocast on CUDA; None otherwise (bf16, fp32, CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda" and amp_dtype(amp, device) == torch.float16:
+        return torch.amp.GradScaler("cuda")
+    return None
 
 
 def train_step(network: nn.Module, optimizer: torch.optim.Optimizer, compute_losses: Callable[[], Dict[str, Tensor]],
                device: torch.device, grad_scaler: Optional[torch.amp.GradScaler] = None,
-               grad_clip: float = GRAD_CLIP, where: str = "") -> Dict[str, float]:
+               grad_clip: float = GRAD_CLIP, where: str = "", amp: Amp = "auto") -> Dict[str, float]:
     """One optimisation step.
 
     Args:
@@ -35,10 +79,11 @@ def train_step(network: nn.Module, optimizer: torch.optim.Optimizer, compute_los
         optimizer: the stage's optimizer (only trainable parameters).
         compute_losses: runs the forward pass and returns ``{"loss": scalar tensor, <part>: scalar, ...}``;
             called under autocast.
-        device: where the batch lives (decides autocast).
-        grad_scaler: AMP scaler (CUDA only) or None.
+        device: where the batch lives (with ``amp``, decides autocast).
+        grad_scaler: AMP scaler (fp16 on CUDA, :func:`make_grad_scaler`) or None.
         grad_clip: maximum gradient 2-norm (default 12, nnU-Net).
         where: text naming the step in the non-finite-loss error (e.g. ``"epoch 3, cases [...]"``).
+        amp: mixed-precision mode (:func:`amp_dtype`; default ``"auto"``, nnU-Net's: fp16 on CUDA, off on CPU).
 
     Returns:
         ``{"loss": float, <part>: float}`` (detached Python floats).
@@ -47,7 +92,7 @@ def train_step(network: nn.Module, optimizer: torch.optim.Optimizer, compute_los
         NnPreError: the loss is NaN or infinite (one line naming ``where`` and the usual fixes).
     """
     optimizer.zero_grad(set_to_none=True)
-    with autocast_for(device):
+    with autocast_for(device, amp):
         losses = compute_losses()
     loss = losses["loss"]
     if not torch.isfinite(loss):

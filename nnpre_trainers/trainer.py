@@ -55,7 +55,7 @@ from nnpre_trainers.loaders import start_augmenters
 from nnpre_trainers.run_folder import RunLock, finished_checkpoint, remove_stale_temp_files
 from nnpre_trainers.stage_controller import StageController
 from nnpre_trainers.tasks.base import TaskContext, TrainingTask, get_task
-from nnpre_trainers.train_step import GRAD_CLIP, train_step
+from nnpre_trainers.train_step import GRAD_CLIP, amp_dtype, make_grad_scaler, train_step
 from nnpre_trainers.transfer_step import EncoderTransfer
 
 #: Seed of the few-label subset permutation (nnU-Net's split seed).
@@ -146,6 +146,12 @@ class nnPreTrainer(nnUNetTrainer):
         self._resume_stage: Optional[int] = None
         self._resumed = False
         self.overwrite = False  # True: a new run may replace a finished one (nnPre_train --overwrite)
+        # Mixed precision (nnpre_trainers.train_step.amp_dtype): "auto" = nnU-Net's (fp16 + GradScaler on CUDA,
+        # fp32 on CPU), "off", "fp16" (CUDA), "bf16". nnPre_train --amp.
+        self.amp = "auto"
+        # torch.compile: None = nnU-Net's rule (_do_i_compile: on for CUDA unless nnUNet_compile is false, never on
+        # CPU); True / False force it (True also compiles on CPU). nnPre_train --compile.
+        self.compile_network: Optional[bool] = None
         self._lock: Optional[RunLock] = None
 
     # -- composition -----------------------------------------------------------------------------------------
@@ -300,6 +306,8 @@ class nnPreTrainer(nnUNetTrainer):
                  f"{self.num_iterations_per_epoch}; pass --epochs N --iterations M with N, M >= 1")
         if self.task is None:
             self.task = self.default_task()
+        amp_dtype(self.amp, self.device)  # an impossible mode (fp16 on CPU) stops here with one line
+        self.grad_scaler = make_grad_scaler(self.device, self.amp)
         self._set_batch_size_and_oversample()
         self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                                self.dataset_json)
@@ -336,6 +344,12 @@ class nnPreTrainer(nnUNetTrainer):
                 self.network = DDP(self.network, find_unused_parameters=True)  # gloo on CPU: no device_ids
         self.task.setup(self)
         self.was_initialized = True
+
+    def _do_i_compile(self) -> bool:
+        """``compile_network`` when set, else nnU-Net's rule (CUDA: ``nnUNet_compile``, default on; CPU: off)."""
+        if self.compile_network is not None:
+            return bool(self.compile_network)
+        return super()._do_i_compile()
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """nnU-Net's toggle where the network has one (our tasks train without deep supervision)."""
@@ -477,7 +491,8 @@ class nnPreTrainer(nnUNetTrainer):
         self.network.train()
         return train_step(self.network, self.optimizer, lambda: self.task.compute_losses(self.network, inputs),
                           self.device, self.grad_scaler, self.grad_clip,
-                          where=f"{self.task.name}, epoch {self.current_epoch}, cases {batch.get('keys')}")
+                          where=f"{self.task.name}, epoch {self.current_epoch}, cases {batch.get('keys')}",
+                          amp=self.amp)
 
     def validation_step(self, batch: dict) -> dict:
         return self.task.validation_step(self, batch)

@@ -90,7 +90,7 @@ class TrainingTask:
     def validation_step(self, trainer: "nnPreTrainer", batch: dict) -> dict:
         """Default: the training losses on a validation batch (no gradient; the caller set ``no_grad``)."""
         inputs = self.prepare_batch(batch, trainer.device)
-        with autocast_for(trainer.device):
+        with autocast_for(trainer.device, trainer.amp):
             losses = self.compute_losses(trainer.network, inputs)
         return {"loss": float(losses["loss"].detach().float().cpu())}
 

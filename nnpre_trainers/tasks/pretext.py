@@ -91,7 +91,7 @@ class PretextTrainingTask(TrainingTask):
     # -- validation and pictures -----------------------------------------------------------------------------
     def validation_step(self, trainer, batch: dict) -> dict:
         sample = self.prepare_batch(batch, trainer.device)
-        with autocast_for(trainer.device):
+        with autocast_for(trainer.device, trainer.amp):
             pred = self.pretext.forward(trainer.network, sample)
             loss = self.pretext.loss(pred.float(), sample)
         self.last_val = (sample, pred)

@@ -28,12 +28,19 @@ import argparse
 import os
 import re
 
-from nnpre.cli._common import add_root_argument, apply_root, cli_entry, default_num_processes
+from nnpre.cli._common import (
+    ArgumentParser,
+    add_device_argument,
+    add_root_argument,
+    apply_root,
+    cli_entry,
+    default_num_processes,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task-dir", required=True, help="nnDetection task folder TaskXXX_Name")
     p.add_argument("-d", "--dataset-id", type=int, default=None, help="nnU-Net dataset id (default: the task number)")
     p.add_argument("--name", default=None, help="dataset name (default: the task name)")
@@ -47,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="iterations per epoch")
     p.add_argument("--no-mirror", action="store_true", help="no test-time mirroring (8x faster prediction)")
     p.add_argument("--out", default=None, help="folder for test predictions and metrics")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(p)
     p.add_argument("-np", "--num-processes", type=int, default=None, help="planning worker processes")
     p.add_argument("--seed", type=int, default=12345)
     add_root_argument(p)

@@ -27,12 +27,19 @@ import json
 import os
 import re
 
-from nnpre.cli._common import add_root_argument, apply_root, cli_entry, default_num_processes
+from nnpre.cli._common import (
+    ArgumentParser,
+    add_device_argument,
+    add_root_argument,
+    apply_root,
+    cli_entry,
+    default_num_processes,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name in nnUNet_raw")
     p.add_argument("--pretrained", required=True, metavar="CKPT", help="nnssl / OpenMind / nnpre checkpoint")
     p.add_argument("-f", "--fold", default="0", choices=["0", "1", "2", "3", "4", "all"], help="fold (default 0)")
@@ -44,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation")
     p.add_argument("--tag", default=None,
                    help="run-folder suffix (default pt_<checkpoint file name>[_n<N>])")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(p)
     p.add_argument("-np", "--num-processes", type=int, default=None, help="planning worker processes")
     p.add_argument("--seed", type=int, default=12345)
     add_root_argument(p)

@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 
-from nnpre.cli._common import add_root_argument, apply_root, cli_entry
+from nnpre.cli._common import ArgumentParser, add_device_argument, add_root_argument, apply_root, cli_entry
 
 CSV_HEADER = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 #: nnU-Net naming, any ending SimpleITK reads.
@@ -37,8 +37,8 @@ NNUNET_NAME_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})(?P<ending>\.nii\.gz|\.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", required=True, help="fold folder of a nnPre_train detect run")
     p.add_argument("-i", "--input", required=True, help="folder with the test images")
     p.add_argument("-o", "--output", required=True, help="folder for <case>.json predictions (created)")
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file in the fold folder")
     p.add_argument("--no-mirror", action="store_true", help="no test-time mirroring (8x faster)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(p)
     add_root_argument(p)
     return p
 

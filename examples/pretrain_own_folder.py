@@ -27,7 +27,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from nnpre.cli._common import add_root_argument, apply_root, cli_entry, default_num_processes
+from nnpre.cli._common import (
+    ArgumentParser,
+    add_device_argument,
+    add_root_argument,
+    apply_root,
+    cli_entry,
+    default_num_processes,
+)
 
 
 def _list(s: str):
@@ -35,8 +42,8 @@ def _list(s: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--input", required=True,
                    help="folder with one image per case, or an nnssl pretrain_data.json")
     p.add_argument("--modalities", type=_list, default=None,
@@ -53,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="gpu (default: 1 mm, 128³, 1000 epochs) or cpu-tiny")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--iterations", type=int, default=None, help="iterations per epoch")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(p)
     p.add_argument("-np", "--num-processes", type=int, default=None, help="planning worker processes")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--export", metavar="FILE", default=None,

@@ -34,6 +34,8 @@ def pick_device(name: Optional[str] = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was requested but this torch build sees no GPU; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        fail("--device mps was requested but this torch build sees no Apple GPU (MPS); use --device cpu")
     return torch.device(name)
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 
-from nnpre.cli._common import cli_entry
+from nnpre.cli._common import ArgumentParser, add_device_argument, cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnPre_challenge", description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = ArgumentParser(prog="nnPre_challenge", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("-m", "--model", required=True, help="fold folder of a nnPre_train detect run")
     p.add_argument("--input", default="/input", help="job input folder (default /input)")
     p.add_argument("--output", default="/output", help="job output folder (default /output)")
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score threshold of the instance map (default 0.5)")
     p.add_argument("--checkpoint", default="checkpoint_final.pth")
     p.add_argument("--no-mirror", action="store_true", help="no test-time mirroring (8x faster)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(p)
     return p
 
 

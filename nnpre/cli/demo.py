@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from nnpre.cli._common import cli_entry
+from nnpre.cli._common import ArgumentParser, cli_entry
 from nnpre.study.grid import BUDGETS, DEFAULT_LABELLED, DEFAULT_METHODS
 
 #: budget fields that have a command-line override of the same name
@@ -33,7 +33,7 @@ _OVERRIDES = ("pretrain_iterations", "pretrain_epochs", "finetune_iterations", "
 def build_parser() -> argparse.ArgumentParser:
     from nnpre.synthetic import SYNTH_PRESETS
 
-    p = argparse.ArgumentParser(prog="nnPre_demo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="nnPre_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="nnpre_demo_out", help="output folder (default ./nnpre_demo_out)")
     p.add_argument("--preset", default="cpu-tiny", choices=sorted(BUDGETS))
     p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per configuration (default 1)")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from nnpre.cli._common import cli_entry, default_num_processes
+from nnpre.cli._common import ArgumentParser, cli_entry, default_num_processes
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="nnPre_evaluate",
         description="Evaluate predictions: 'det' = FROC and mAP exactly as nnDetection computes them (boxes from "
                     "<case>.json files), 'seg' = Dice/IoU with nnU-Net's own evaluation, 'seg-det' = the same "

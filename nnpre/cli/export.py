@@ -32,7 +32,7 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 from nnpre.checkpoints import ADAPTATION_PLAN_KEY, PretrainedCheckpoint, read_pretrained, safe_load
-from nnpre.cli._common import cli_entry
+from nnpre.cli._common import ArgumentParser, cli_entry
 from nnpre.errors import fail
 
 SEG_LAYER_MARK = ".seg_layers."  # what stock nnU-Net's load_pretrained_weights skips
@@ -137,8 +137,8 @@ def write_verified(obj: Dict[str, Any], path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnPre_export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="nnPre_export", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="pretrained checkpoint (nnpre, nnssl or nnU-Net format)")
     p.add_argument("-o", "--output", required=True, help="file to write (.pth)")
     mode = p.add_mutually_exclusive_group()

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-from nnpre.cli._common import add_root_argument, apply_root, cli_entry, default_num_processes, triple
+from nnpre.cli._common import ArgumentParser, add_root_argument, apply_root, cli_entry, default_num_processes, triple
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnPre_plan", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="nnPre_plan", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", "--dataset", required=True, help="dataset id (e.g. 501) or name (Dataset501_X)")
     p.add_argument("-pl", "--planner", choices=["plain", "resenc-l"], default=None,
                    help="network family: plain-conv U-Net or residual-encoder U-Net (ResEnc-L widths). "

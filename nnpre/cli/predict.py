@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 
-from nnpre.cli._common import cli_entry
+from nnpre.cli._common import ArgumentParser, StepSizeAction, add_device_argument, cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnPre_predict", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="nnPre_predict", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--input", required=True, help="folder with CASE_0000.nii.gz (CASE_0001, ...) images")
     p.add_argument("-o", "--output", required=True, help="folder for CASE.json predictions (created)")
     p.add_argument("-m", "--model", required=True,
@@ -29,10 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--folds", nargs="+", default=None,
                    help="ensemble these folds of the trainer folder -m (e.g. -f 0 1 2 3 4): one prediction set per "
                         "(fold, mirror variant), merged by weighted box clustering as nnDetection does")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in the fold folder")
-    p.add_argument("--no-mirror", action="store_true", help="disable test-time mirroring (8x faster)")
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth",
+                   help="checkpoint file name in the fold folder")
+    p.add_argument("--no-mirror", "--disable_tta", action="store_true", help="disable test-time mirroring (8x faster)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window tile overlap (default 0.5)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("-step_size", dest="overlap", action=StepSizeAction, metavar="S",
+                   help="nnU-Net's spelling: tile step as a fraction of the patch (overlap = 1 - S)")
+    add_device_argument(p)
     p.add_argument("--save-instances", action="store_true",
                    help="also write CASE_instances.nii.gz: kept boxes as numbered cuboids, for viewers")
     p.add_argument("--instance-min-score", type=float, default=0.5,

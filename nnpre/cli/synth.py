@@ -14,6 +14,7 @@ import os
 import sys
 from typing import List, Optional
 
+from nnpre.cli._common import ArgumentParser
 from nnpre.errors import NnPreError, fail
 from nnpre.synthetic import (
     SYNTH_PRESETS,
@@ -26,7 +27,7 @@ from nnpre.synthetic import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="nnPre_synth",
         description="Write deterministic synthetic CT-like lesion data: a labelled nnU-Net raw dataset, "
                     "optionally its nnDetection copy, and an unlabelled pretraining pool.")

@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import argparse
 
-from nnpre.cli._common import add_root_argument, apply_root, cli_entry
+from nnpre.cli._common import (
+    ArgumentParser,
+    NumGpusAction,
+    add_device_argument,
+    add_root_argument,
+    apply_root,
+    cli_entry,
+)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
-    p.add_argument("-pl", "--plans", default=None,
+    p.add_argument("-pl", "-p", "--plans", default=None,
                    help="resenc-l (nnPreResEncLPlans, default), plain (nnPrePlans) or a plans identifier; with "
                         "--pretrained CKPT the default is the plans nnPre_plan --like CKPT wrote")
     p.add_argument("-c", "--configuration", default="3d_fullres")
@@ -26,7 +33,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="training length preset (default: the one in the plans)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--iterations", type=int, default=None, help="iterations per epoch")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(p)
+    p.add_argument("-num_gpus", type=int, default=1, action=NumGpusAction,
+                   help="nnU-Net's spelling; 1 (several GPUs: torchrun --nproc_per_node=N -m nnpre.cli.train ...)")
     p.add_argument("--c", dest="resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="train again from scratch into a run folder whose run has finished (checkpoint_final.pth)")
@@ -65,9 +74,9 @@ def _adapter(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnPre_train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = ArgumentParser(prog="nnPre_train", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("pretrain", help="self-supervised pretraining on images only")
     _common(pre)

@@ -11,7 +11,7 @@ Further checks, in the order ``nnPre_plan`` runs them (all before anything is wr
 * :func:`check_target_geometry`: the requested target spacing and patch size against the image sizes and
   spacings in the headers (every case keeps >= 4 voxels per axis, no case grows beyond 2**31 voxels, the patch
   is at most twice the largest resampled image or 128 voxels);
-* :func:`check_dataset_contents`: every image and label file read in full with :func:`nnpre.image_io.read_image`
+* :func:`check_dataset_contents`: every image and label file read in full with :func:`nnpre.image_io.check_file`
   (truncated files, NaN/Inf voxels, fractional, negative or undeclared label values).
 
 After preprocessing, :func:`write_completion_marker` lists the preprocessed cases and the data-relevant plan
@@ -29,7 +29,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 
 from nnpre.errors import fail
-from nnpre.image_io import allowed_label_values, read_header, read_image
+from nnpre.image_io import allowed_label_values, check_file, read_header
 
 #: Spacing outside this range (mm) is treated as a broken header rather than real data.
 SPACING_RANGE_MM = (1e-3, 50.0)
@@ -216,16 +216,17 @@ def _check_case_files(args) -> Optional[str]:
 
     try:
         for p in images:
-            read_image(p, kind="image")
+            check_file(p, kind="image")
         if label:
-            read_image(label, kind="label", allowed_labels=allowed)
+            check_file(label, kind="label", allowed_labels=allowed)
     except NnPreError as e:
         return str(e)
     return None
 
 
 def check_dataset_contents(info: RawDatasetInfo, num_processes: int = 1) -> None:
-    """Read every image and label file of ``info`` in full (:func:`nnpre.image_io.read_image`).
+    """Read every image and label file of ``info`` in full (:func:`nnpre.image_io.check_file`; the checks of
+    :func:`nnpre.image_io.read_image` in one decompression per NIfTI file).
 
     Stops with the first problem (and how many other cases have one): truncated/corrupt files, NaN/Inf image
     voxels, fractional or negative label values, label values not in dataset.json ``labels``.

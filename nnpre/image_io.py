@@ -45,6 +45,38 @@ class NiftiScan:
     data_bytes: int  # bytes of voxel data the header promises
     voxels: int  # voxels (times components) in the data block
     nonfinite: int  # NaN / ±Inf values in the raw data block (0 for integer types)
+    scaled: bool = False  # scl_slope / scl_inter or a compound type: raw values are not what ITK returns
+    values: Optional[np.ndarray] = None  # distinct raw values (``values=True``, integer-valued data only)
+    fractional: Optional[float] = None  # a non-integer raw value, if any (``values=True``)
+
+
+class _ValueSet:
+    """Distinct values of integer-valued chunks: a presence table for 0..65535, a set for the rest."""
+
+    def __init__(self):
+        self.present = np.zeros(1 << 16, bool)
+        self.other: set = set()
+        self.fractional: Optional[float] = None
+
+    def add(self, v: np.ndarray) -> None:
+        if v.size == 0 or self.fractional is not None:
+            return
+        if not np.issubdtype(v.dtype, np.integer):
+            v = v[np.isfinite(v)]
+            vi = v.astype(np.int64)
+            frac = v != vi
+            if frac.any():
+                self.fractional = float(v[frac][0])
+                return
+            v = vi
+        lo, hi = int(v.min()), int(v.max())
+        if lo >= 0 and hi < (1 << 16):
+            self.present[np.flatnonzero(np.bincount(v.astype(np.intp, copy=False)))] = True
+        else:
+            self.other.update(int(x) for x in np.unique(v))
+
+    def result(self) -> np.ndarray:
+        return np.union1d(np.flatnonzero(self.present), np.asarray(sorted(self.other), np.int64)).astype(np.int64)
 
 
 def _one_line(e: BaseException) -> str:
@@ -53,11 +85,12 @@ def _one_line(e: BaseException) -> str:
     return (lines[-1] if lines else type(e).__name__)[:300]
 
 
-def scan_nifti(path: str) -> NiftiScan:
+def scan_nifti(path: str, values: bool = False) -> NiftiScan:
     """Read the complete data block of a NIfTI file; fail when it is truncated or its gzip stream is corrupt.
 
     Args:
         path: ``.nii`` or ``.nii.gz`` file (NIfTI-1 or NIfTI-2).
+        values: also collect the distinct raw values (for label files; one pass, no image in memory).
 
     Returns:
         :class:`NiftiScan` with the expected data size and the number of NaN/Inf values (float types only).
@@ -72,12 +105,17 @@ def scan_nifti(path: str) -> NiftiScan:
         offset = int(img.dataobj.offset)
         shape = tuple(int(s) for s in hdr.get_data_shape())
         dtype = np.dtype(hdr.get_data_dtype())
+        # nibabel moves scl_slope / scl_inter from the header into the array proxy when loading
+        slope, inter = float(getattr(img.dataobj, "slope", 1.0)), float(getattr(img.dataobj, "inter", 0.0))
     except Exception as e:  # nibabel raises many types for a broken header
         fail(f"{path}: cannot read the NIfTI header ({type(e).__name__}: {_one_line(e)}); the file is corrupt or "
              f"truncated, copy it again from the source")
     voxels = int(np.prod(shape, dtype=np.int64)) if shape else 0
     nbytes = voxels * dtype.itemsize
     is_float = dtype.fields is None and np.issubdtype(dtype, np.floating)
+    scaled = (dtype.fields is not None or not np.issubdtype(dtype, np.number)
+              or slope != 1.0 or inter != 0.0)
+    seen = _ValueSet() if values and not scaled else None
     nonfinite = 0
     opener = gzip.open if path.endswith(".gz") else open
     got = 0
@@ -97,10 +135,13 @@ def scan_nifti(path: str) -> NiftiScan:
                     if not b:
                         break
                     got += len(b)
-                    if is_float:
+                    if is_float or seen is not None:
                         usable = len(b) - len(b) % dtype.itemsize
                         v = np.frombuffer(b[:usable], dtype=dtype)
-                        nonfinite += int(v.size - np.count_nonzero(np.isfinite(v)))
+                        if is_float:
+                            nonfinite += int(v.size - np.count_nonzero(np.isfinite(v)))
+                        if seen is not None:
+                            seen.add(v)
                 if path.endswith(".gz"):
                     while f.read(_CHUNK):  # to the end: gzip checks the end-of-stream marker and the CRC here
                         pass
@@ -112,7 +153,9 @@ def scan_nifti(path: str) -> NiftiScan:
         fail(f"{path}: truncated NIfTI file: the header promises {nbytes} bytes of voxel data, the file holds "
              f"{have} ({100.0 * have / max(nbytes, 1):.1f} %); SimpleITK would read the rest as zeros. Copy the file "
              f"again from the source")
-    return NiftiScan(data_bytes=nbytes, voxels=voxels, nonfinite=nonfinite)
+    return NiftiScan(data_bytes=nbytes, voxels=voxels, nonfinite=nonfinite, scaled=scaled,
+                     values=seen.result() if seen is not None else None,
+                     fractional=seen.fractional if seen is not None else None)
 
 
 def read_header(path: str):
@@ -145,6 +188,11 @@ def allowed_label_values(labels: dict) -> set[int]:
     return out
 
 
+def _fractional(path: str, example: float) -> None:
+    fail(f"{path}: label map holds fractional values (e.g. {example}); labels must be integers 0, 1, 2, ... (was it "
+         f"resampled with linear interpolation? use nearest neighbour)")
+
+
 def label_values(arr: np.ndarray, path: str) -> np.ndarray:
     """Sorted distinct values of a label array (integers >= 0), with one-line errors for fractional or
     negative values."""
@@ -159,14 +207,12 @@ def label_values(arr: np.ndarray, path: str) -> np.ndarray:
             fail(f"{path}: label map holds NaN/Inf values; labels must be integers 0, 1, 2, ...")
         frac = np.mod(a, 1) != 0
         if frac.any():
-            fail(f"{path}: label map holds fractional values (e.g. {float(a[frac].flat[0])}, {int(frac.sum())} "
-                 f"voxels); labels must be integers 0, 1, 2, ... (was it resampled with linear interpolation? "
-                 f"use nearest neighbour)")
+            _fractional(path, float(a[frac].flat[0]))
         a = a.astype(np.int64)
     lo, hi = int(a.min()), int(a.max())
     if lo < 0:
-        fail(f"{path}: label map holds the negative value {lo} ({int((a < 0).sum())} voxels); labels must be 0 "
-             f"(background), 1, 2, ... (nnU-Net reserves -1 for 'outside the image')")
+        fail(f"{path}: label map holds the negative value {lo}; labels must be 0 (background), 1, 2, ... (nnU-Net "
+             f"reserves -1 for 'outside the image')")
     if hi < (1 << 16):
         counts = np.bincount(a.ravel().astype(np.intp, copy=False), minlength=1)
         return np.flatnonzero(counts).astype(np.int64)
@@ -236,6 +282,27 @@ def read_image(path: str, kind: str = "image", allowed_labels: Optional[Iterable
             fail(f"{path}: label map holds NaN/Inf values; labels must be integers 0, 1, 2, ...")
         check_label_values(arr, path, allowed_labels, label_source)
     return im
+
+
+def check_file(path: str, kind: str = "image", allowed_labels: Optional[Iterable[int]] = None,
+               label_source: str = "dataset.json") -> None:
+    """The content checks of :func:`read_image` without keeping the image (dimensions are the caller's header
+    check). An unscaled NIfTI file is checked in the one pass of :func:`scan_nifti` (one decompression); other
+    formats and scaled NIfTI go through :func:`read_image`."""
+    if path.endswith(NIFTI_ENDINGS):
+        scan = scan_nifti(path, values=(kind == "label"))
+        if not scan.scaled:
+            if kind == "image":
+                if scan.nonfinite:
+                    fail(_nonfinite_message(path, scan.nonfinite, scan.voxels))
+                return
+            if scan.nonfinite:
+                fail(f"{path}: label map holds NaN/Inf values; labels must be integers 0, 1, 2, ...")
+            if scan.fractional is not None:
+                _fractional(path, scan.fractional)
+            check_label_values(scan.values, path, allowed_labels, label_source)
+            return
+    read_image(path, kind=kind, allowed_labels=allowed_labels, ndim=None, label_source=label_source)
 
 
 def geometry(im) -> tuple:

@@ -121,3 +121,47 @@ def test_geometry_difference():
     b.SetSpacing((1.0, 1.0, 1.0))
     b.SetOrigin((0.0, 0.0, 0.5))
     assert geometry_difference(geometry(a), geometry(b)).startswith("origin")
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii", ".mha"])
+@pytest.mark.parametrize("values,dtype,allowed,words", [
+    ([0, 1, 5], np.uint8, [0, 1], r"label value\(s\) \[5\] are not declared"),
+    ([0, 1, 70000], np.int32, [0, 1], r"\[70000\] are not declared"),
+    ([0, 0.5, 1], np.float32, None, "fractional values"),
+    ([0, -1, 1], np.int16, None, "negative value -1"),
+    ([0, np.nan, 1], np.float32, None, "NaN"),
+    ([0, 1, 2], np.float32, [0, 1, 2], None),
+    ([0, 1, 2], np.uint16, [0, 1, 2], None),
+])
+def test_check_file_agrees_with_read_image(tmp_path, ending, values, dtype, allowed, words):
+    from nnpre.image_io import check_file
+
+    lab = np.zeros((4, 5, 6), dtype)
+    lab.flat[: len(values)] = values
+    p = _write(lab, tmp_path / f"l{ending}")
+    for fn in (check_file, read_image):
+        if words is None:
+            fn(p, kind="label", allowed_labels=allowed)
+        else:
+            with pytest.raises(NnPreError, match=words):
+                fn(p, kind="label", allowed_labels=allowed)
+
+
+def test_check_file_on_scaled_nifti_uses_the_scaled_values(tmp_path):
+    import nibabel as nib
+
+    from nnpre.image_io import check_file
+
+    raw = np.zeros((4, 5, 6), np.int16)
+    raw[1, 1, 1] = 1
+    plain = str(tmp_path / "plain.nii")
+    nib.save(nib.Nifti1Image(raw, np.eye(4)), plain)
+    data = bytearray(open(plain, "rb").read())
+    data[112:120] = np.array([0.5, 0.0], "<f4").tobytes()  # scl_slope, scl_inter: stored 1 means 0.5
+    p = str(tmp_path / "scaled.nii.gz")
+    with gzip.open(p, "wb") as f:
+        f.write(bytes(data))
+    assert sitk.GetArrayFromImage(sitk.ReadImage(p)).max() == 0.5  # what ITK (and nnU-Net) read
+    assert scan_nifti(p, values=True).scaled
+    with pytest.raises(NnPreError, match="fractional"):
+        check_file(p, kind="label")

@@ -10,6 +10,11 @@ Rules (never a silently wrong number):
 
 Checks are vectorised: they run once on the rows of all cases concatenated; ``where`` then is a function
 that names the case (and row within it) of an offending flat row.
+
+File-level checks (all through :mod:`nnpre.image_io`): :func:`check_prediction_geometry` (a prediction's
+recorded image grid against the ground-truth header), :func:`check_semantic_labels_declared` (semantic ground
+truth only holds labels its dataset.json declares) and :func:`check_segmentation_pairs` (``nnPre_evaluate seg``:
+label values, truncation and the reference grid).
 """
 from __future__ import annotations
 

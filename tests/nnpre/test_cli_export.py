@@ -203,3 +203,67 @@ def test_encoder_export_loads_through_nnunet_master_fields(tmp_path, pretrained,
     assert cits and all({"type", "name", "apa_citations"} <= set(c) for c in cits)
     assert any(c["type"] == "pretraining method" and "Ho, J." in c["apa_citations"][0] for c in cits)  # diffusion
     assert any(c["name"] == "nnU-Net" for c in cits)
+
+
+SHORT_TRAINER = '''
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class nnUNetTrainer_nnpreLr0(nnUNetTrainer):
+    """Stock trainer, one iteration at learning rate 0 (weights stay as loaded), no final validation."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 1, 1
+        self.initial_lr = 0.0
+
+    def perform_actual_validation(self, *args, **kwargs):
+        pass
+'''
+
+
+@pytest.mark.xfail(strict=True, reason="nnpre.dataset_checks writes nnpre_preprocessing_complete.json into the data "
+                   "folder, so stock nnU-Net's infer_dataset_class refuses it (two file endings); passes with the "
+                   "marker removed. Remove this mark when the marker lives outside the data folder")
+def test_full_export_trains_with_stock_nnunetv2_train_pretrained_weights(nnunet_root, tmp_path):
+    """nnPre_plan --like CKPT, nnPre_export CKPT --full, then the stock command
+    ``nnUNetv2_train D 3d_fullres all -p PLANS -tr T -pretrained_weights FILE``: every non-seg tensor arrives."""
+    import os
+    import subprocess
+    import sys
+
+    from nnpre_testdata import write_raw_dataset
+
+    from nnpre.adaptation_plan import from_nnunet_plans
+    from nnpre.cli.plan import main as plan_main
+
+    write_raw_dataset(nnunet_root, did=68, n_cases=2)
+    src_plan = from_nnunet_plans({"plans_name": "p", "configurations": {"3d_fullres": {
+        "spacing": [2.0, 2.0, 2.0], "patch_size": [32, 32, 32], "normalization_schemes": ["ZScoreNormalization"],
+        "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+                         "arch_kwargs": tiny_plan().arch_kwargs,
+                         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}}}, "3d_fullres", 1,
+        pretext="mae", pretext_config={})
+    torch.manual_seed(3)
+    net = src_plan.build_network(1, 1)
+    ck = tmp_path / "mae.pth"
+    save_checkpoint_atomic({"network_weights": net.state_dict(), "nnssl_adaptation_plan": src_plan.to_dict()}, ck)
+    assert plan_main(["-d", "68", "--like", str(ck), "--preset", "cpu-tiny", "-np", "1"]) == 0
+    full = tmp_path / "mae_full.pth"
+    assert main([str(ck), "-o", str(full), "--full"]) == 0
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    (ext / "short_trainer.py").write_text(SHORT_TRAINER)
+    env = dict(os.environ, nnUNet_extTrainer=str(ext), nnUNet_n_proc_DA="0", nnUNet_compile="false")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train"), "68", "3d_fullres", "all",
+           "-p", "nnPrePlans__mae", "-tr", "nnUNetTrainer_nnpreLr0", "-pretrained_weights", str(full),
+           "-device", "cpu"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-2000:])
+    run = os.path.join(os.environ["nnUNet_results"], "Dataset068_T",
+                       "nnUNetTrainer_nnpreLr0__nnPrePlans__mae__3d_fullres", "fold_all", "checkpoint_final.pth")
+    trained = torch.load(run, weights_only=False, map_location="cpu")["network_weights"]
+    exported = torch.load(full, weights_only=True)["network_weights"]
+    assert set(exported) == {k for k in trained if ".seg_layers." not in k}
+    assert all(torch.equal(trained[k], v) for k, v in exported.items())  # lr 0: exactly what was loaded

@@ -38,6 +38,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
+from nnpre.architecture import unwrap
+
 #: Parameter group names produced by :func:`parameter_groups`.
 GROUPS = ("encoder", "stem", "decoder", "heads", "other")
 #: Optimizers a schedule can name.
@@ -305,10 +307,7 @@ def parameter_groups(network: nn.Module, remapped_stem: bool) -> Dict[str, List[
     Each tensor appears once, under its first name outside ``decoder.encoder.*`` (shared tensors and
     ``all_modules`` aliases are deduplicated by identity).
     """
-    net = network
-    for attr in ("module", "_orig_mod"):  # DDP / torch.compile wrappers
-        while isinstance(getattr(net, attr, None), nn.Module):
-            net = getattr(net, attr)
+    net = unwrap(network)  # DDP / torch.compile wrappers
     stem = str(getattr(net, "key_to_stem", "encoder.stem")) + "."
     # detectors declare their heads (e.g. Retina U-Net: classifier., regressor., segmenter.)
     head_prefixes = tuple(getattr(net, "head_prefixes", ()) or ()) or ("decoder.seg_layers.",)

@@ -42,10 +42,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from torch import nn
-from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from nnpre.architecture import unwrap
 from nnpre.atomic import write_json
 from nnpre.checkpoints import safe_load, save_checkpoint_atomic, strip_prefixes
 from nnpre.errors import fail
@@ -274,8 +274,7 @@ class nnPreTrainer(nnUNetTrainer):
 
     @property
     def unwrapped_network(self) -> nn.Module:
-        mod = self.network.module if isinstance(self.network, DDP) else self.network
-        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+        return unwrap(self.network)
 
     def task_context(self) -> TaskContext:
         return TaskContext(self.plans_manager, self.configuration_manager, self.label_manager, self.dataset_json,

@@ -105,8 +105,8 @@ class AdaptationPlan:
     pretrain_plan: Dict[str, Any]
     pretrain_num_input_channels: int = 1
     recommended_downstream_patchsize: List[int] = field(default_factory=lambda: [160, 160, 160])
-    key_to_encoder: str = "encoder.stages"
-    key_to_stem: str = "encoder.stem"
+    key_to_encoder: str = KEY_LAYOUTS["ResidualEncoderUNet"]["key_to_encoder"]
+    key_to_stem: str = KEY_LAYOUTS["ResidualEncoderUNet"]["key_to_stem"]
     keys_to_in_proj: List[str] = field(
         default_factory=lambda: key_layout("ResidualEncoderUNet")["keys_to_in_proj"])
     key_to_lpe: Optional[str] = None

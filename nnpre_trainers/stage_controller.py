@@ -28,7 +28,8 @@ class StageController:
         keep_requires_grad: DDP runs (see :func:`~nnpre_trainers.finetune_schedule.apply_stage`).
         log: receives one line per stage switch.
         may_train: optional rule on canonical parameter names (an adapter's ``is_trainable``): parameters it
-            rejects never train, whatever the stage (they are frozen and kept out of every optimizer).
+            rejects never train, whatever the stage: ``requires_grad`` False (also with ``keep_requires_grad``)
+            and kept out of every optimizer.
 
     Attributes:
         stage_index: index of the current stage (None before :meth:`start`).
@@ -82,7 +83,9 @@ class StageController:
             for items in groups.values():
                 for n, p in items:
                     if not self.may_train(n):
-                        p.requires_grad_(self.keep_requires_grad)
+                        # Frozen in every stage, also under DDP: the first stage is built before the network is
+                        # wrapped, so DDP never registers these parameters and needs no gradient for them.
+                        p.requires_grad_(False)
                         p.grad = None
             groups = {g: [(n, p) for n, p in items if self.may_train(n)] for g, items in groups.items()}
         trainable = apply_stage(groups, stage, keep_requires_grad=self.keep_requires_grad)

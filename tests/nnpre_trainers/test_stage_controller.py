@@ -71,3 +71,19 @@ def test_adapter_rule_keeps_rejected_parameters_out_of_every_stage():
         trained = [names[id(p)] for g in opt.param_groups for p in g["params"]]
         assert trained and all(not n.endswith(".weight") or n.startswith("decoder.seg") for n in trained)
     assert not net.encoder[0].weight.requires_grad and net.encoder[0].bias.requires_grad
+
+
+def test_adapter_frozen_parameters_stay_frozen_under_ddp_keep_requires_grad():
+    """DDP runs keep stage-frozen groups' requires_grad True (DDP fixes its parameters at wrap time), but
+    parameters the adapter rejects are frozen in every stage and must stay False (else DDP expects gradients
+    for the frozen encoder and syncs them)."""
+    net = TinyUNet()
+    sched = default_schedule(20, pretrained=True, warmup_fraction=0.25)
+    rule = lambda name: not name.startswith("encoder.0")  # noqa: E731
+    c = StageController(sched, lambda: parameter_groups(net, False), keep_requires_grad=True, log=lambda s: None,
+                        may_train=rule)
+    for it in (0, 5, 19):  # warm-up stage (decoder only) and the full stage
+        c.enter(it)
+        frozen = {n: p.requires_grad for n, p in net.named_parameters() if not rule(n)}
+        assert frozen and not any(frozen.values()), (it, frozen)
+        assert all(p.requires_grad for n, p in net.named_parameters() if rule(n))  # DDP's keep rule elsewhere

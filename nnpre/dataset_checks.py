@@ -245,8 +245,14 @@ def check_dataset_contents(info: RawDatasetInfo, num_processes: int = 1) -> None
 
 
 # ------------------------------------------------------------------------------------------ preprocessed data
-#: Written into the preprocessed data folder when every case is done (nnpre's completion record).
-COMPLETION_MARKER = "nnpre_preprocessing_complete.json"
+#: Suffix of nnpre's completion record, written NEXT TO the data folder (``<data_identifier>.nnpre_complete.json``):
+#: inside it, stock nnU-Net's ``infer_dataset_class`` would refuse the folder (it allows one file ending only).
+COMPLETION_MARKER = ".nnpre_complete.json"
+
+
+def marker_path(data_folder: str) -> str:
+    """Path of the completion record of ``data_folder`` (a sibling file, see :data:`COMPLETION_MARKER`)."""
+    return os.path.normpath(data_folder) + COMPLETION_MARKER
 
 
 #: Configuration entries that change the preprocessed arrays (a re-plan that changes one of them needs a new
@@ -268,11 +274,13 @@ def data_signature(plans: dict, configuration: str) -> str:
 
 
 def write_completion_marker(data_folder: str, cases: Iterable[str], plans_identifier: str,
-                            configuration: str, plans: Optional[dict] = None) -> str:
-    """Record that ``data_folder`` holds exactly ``cases``, preprocessed with ``plans`` (signature stored)."""
+                            configuration: str, plans: Optional[dict] = None, path: Optional[str] = None) -> str:
+    """Record that ``data_folder`` holds exactly ``cases``, preprocessed with ``plans`` (signature stored).
+
+    Written to ``path`` (default :func:`marker_path`); returns it."""
     from nnpre.atomic import write_json
 
-    path = os.path.join(data_folder, COMPLETION_MARKER)
+    path = path or marker_path(data_folder)
     write_json({"cases": sorted(cases), "plans_identifier": plans_identifier, "configuration": configuration,
                 "data_signature": data_signature(plans, configuration) if plans else None,
                 "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, path)
@@ -302,7 +310,7 @@ def verify_preprocessed(data_folder: str, dataset: str | int = "DATASET", plans:
     if not os.path.isdir(data_folder):
         fail(f"{data_folder} is missing; {fix}")
     have = preprocessed_cases(data_folder)
-    marker = os.path.join(data_folder, COMPLETION_MARKER)
+    marker = marker_path(data_folder)
     if os.path.isfile(marker):
         try:
             with open(marker, encoding="utf-8") as f:
@@ -320,7 +328,7 @@ def verify_preprocessed(data_folder: str, dataset: str | int = "DATASET", plans:
             fail(f"{data_folder} is incomplete: {len(missing)} of {len(listed)} preprocessed case(s) are missing or "
                  f"partial ({missing[:3]}{' ...' if len(missing) > 3 else ''}); {fix}")
         if extra:
-            fail(f"{data_folder} holds {len(extra)} case(s) its completion record {COMPLETION_MARKER} does not list "
+            fail(f"{data_folder} holds {len(extra)} case(s) its completion record {marker} does not list "
                  f"({extra[:3]}); {fix}")
     else:
         dj_file = os.path.join(os.path.dirname(data_folder), "dataset.json")

@@ -104,16 +104,17 @@ def preprocess_all_or_nothing(dataset_name: str, cases: Dict[str, dict], plans: 
 
     What nnU-Net's ``preprocess_dataset`` does (``run_case_save`` per case with the plans' preprocessor, labels
     copied to ``gt_segmentations``), but all-or-nothing: the folders are built under ``*.partial`` names, the
-    completion record (:func:`nnpre.dataset_checks.write_completion_marker`) is written last, and only then are
-    they renamed onto the real names. A run killed at any point leaves either the previous complete folder or
-    none (the trainer then says to re-run ``nnPre_plan``), never a partial case set behind the real name.
+    completion record (:func:`nnpre.dataset_checks.write_completion_marker`, a file next to the folder) is written
+    last, and only then are they renamed onto the real names. A run killed at any point leaves either the
+    previous complete folder or none (the trainer then says to re-run ``nnPre_plan``), never a partial case set
+    behind the real name.
 
     Args:
         cases: ``{case_id: {"images": [paths], "label": path | None}}``.
     """
     from nnunetv2.paths import nnUNet_preprocessed
 
-    from nnpre.dataset_checks import write_completion_marker
+    from nnpre.dataset_checks import marker_path, write_completion_marker
 
     ident = plans["configurations"][configuration]["data_identifier"]
     final = os.path.join(nnUNet_preprocessed, dataset_name, ident)
@@ -133,13 +134,16 @@ def preprocess_all_or_nothing(dataset_name: str, cases: Dict[str, dict], plans: 
         ending = dataset_json["file_ending"]
         for k, c in cases.items():
             shutil.copyfile(c["label"], os.path.join(gt_tmp, k + ending))  # copyfile: new file, umask applies
-    write_completion_marker(tmp, cases, plans_identifier or plans.get("plans_name", ""), configuration,
-                            plans=plans)
+    # the record goes next to the folder (stock nnU-Net refuses unknown files inside it); it is renamed into
+    # place after the folder, so a kill in between leaves the old record, which the new folder fails to match
+    pending = write_completion_marker(final, cases, plans_identifier or plans.get("plans_name", ""), configuration,
+                                      plans=plans, path=marker_path(final) + ".partial")
     if labelled:
         shutil.rmtree(gt_final, ignore_errors=True)
         os.replace(gt_tmp, gt_final)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    os.replace(pending, marker_path(final))
     return final
 
 

@@ -223,9 +223,6 @@ class nnUNetTrainer_nnpreLr0(nnUNetTrainer):
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="nnpre.dataset_checks writes nnpre_preprocessing_complete.json into the data "
-                   "folder, so stock nnU-Net's infer_dataset_class refuses it (two file endings); passes with the "
-                   "marker removed. Remove this mark when the marker lives outside the data folder")
 def test_full_export_trains_with_stock_nnunetv2_train_pretrained_weights(nnunet_root, tmp_path):
     """nnPre_plan --like CKPT, nnPre_export CKPT --full, then the stock command
     ``nnUNetv2_train D 3d_fullres all -p PLANS -tr T -pretrained_weights FILE``: every non-seg tensor arrives."""

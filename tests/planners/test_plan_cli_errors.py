@@ -216,7 +216,7 @@ def test_interrupted_preprocessing_leaves_no_partial_case_set(capsys, nnunet_roo
     from nnpre_testdata import write_raw_dataset
 
     import planners.image_only as image_only
-    from nnpre.dataset_checks import COMPLETION_MARKER, verify_preprocessed
+    from nnpre.dataset_checks import marker_path, verify_preprocessed
     from nnpre.errors import NnPreError
 
     write_raw_dataset(nnunet_root, did=38, n_cases=3)
@@ -224,6 +224,9 @@ def test_interrupted_preprocessing_leaves_no_partial_case_set(capsys, nnunet_roo
     data = os.path.join(pre, "nnPreResEncLPlans_3d_fullres")
     assert main(["-d", "38", "--preset", "cpu-tiny", "-np", "1"]) == 0
     assert verify_preprocessed(data, 38) == ["c000", "c001", "c002"]
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    infer_dataset_class(data)  # the folder holds nnU-Net's files only: stock nnU-Net still reads it
     complete = _tree_digest(data)
     # a stale split from an earlier, smaller case set
     with open(os.path.join(pre, "splits_final.json"), "w") as f:
@@ -257,7 +260,7 @@ def test_interrupted_preprocessing_leaves_no_partial_case_set(capsys, nnunet_roo
 
     with pytest.raises(NnPreError, match="re-run nnPre_plan -d 38"):  # checked when any trainer is built
         make_trainer(object, 38, "nnPreResEncLPlans", fold=0)
-    os.remove(os.path.join(data, COMPLETION_MARKER))
+    os.remove(marker_path(data))
     with pytest.raises(NnPreError, match="numTraining 3"):
         verify_preprocessed(data, 38)
 

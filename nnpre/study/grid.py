@@ -173,9 +173,6 @@ class StudyGrid:
         """``scratch`` followed by the pretext methods."""
         return ["scratch", *self.methods]
 
-    def pretrain_names(self) -> List[str]:
-        return [f"pretrain_{m}" for m in self.methods]
-
     def runs(self) -> List[Run]:
         """Fine-tuning runs in execution order: task, labelled size, seed, then method (scratch first)."""
         return [Run(t, m, n, s) for t in self.tasks for n in self.labelled for s in range(self.seeds)

@@ -25,7 +25,7 @@ def test_runs_order_names_and_seeds():
                                           "seg_scratch_n2_s1", "seg_mae_n2_s1", "seg_mg_n2_s1"]
     assert runs[-1].name == "det_mg_n8_s1"
     assert {r.init_seed for r in runs} == {100, 101}
-    assert g.pretrain_names() == ["pretrain_mae", "pretrain_mg"]
+    assert g.all_methods == ["scratch", "mae", "mg"]
     with pytest.raises(NnPreError, match="--seeds must be >= 1"):
         StudyGrid(seeds=0)
 

@@ -42,10 +42,13 @@ def pick_device(name: Optional[str] = None) -> torch.device:
 def make_trainer(trainer_class: Type, dataset: str | int, plans_name: str = "nnPreResEncLPlans",
                  configuration: str = "3d_fullres", fold: str | int = "all", device: Optional[str] = None,
                  continue_training: bool = False, preset: Optional[str] = None, epochs: Optional[int] = None,
-                 iterations: Optional[int] = None):
+                 iterations: Optional[int] = None, variant: Optional[str] = None):
     """Instantiate ``trainer_class`` for a dataset planned with ``nnPre_plan``.
 
-    ``preset``/``epochs``/``iterations`` override the training length recorded in the plans.
+    ``preset``/``epochs``/``iterations`` override the training length recorded in the plans. ``variant`` (e.g.
+    :func:`nnpre_trainers.trainer.run_variant`): train with the plans variant ``<plans>_<variant>``
+    (:func:`nnpre_trainers.trainer.variant_plans`, written by rank 0 next to the plans), so the run folder is
+    ``<Trainer>__<plans>_<variant>__<configuration>`` from the start (nothing is created and moved).
     """
     check_length(epochs, iterations)
     require_env("nnUNet_preprocessed", "nnUNet_results")
@@ -65,6 +68,12 @@ def make_trainer(trainer_class: Type, dataset: str | int, plans_name: str = "nnP
         fail(f"{data_folder} is missing; run nnPre_plan -d {dataset} without --no-preprocess")
     with open(os.path.join(folder, "dataset.json")) as f:
         dataset_json = json.load(f)
+    if variant:
+        from nnpre_trainers.trainer import variant_plans, write_variant_plans
+
+        plans = variant_plans(plans, variant)
+        if _rank() == 0:
+            write_variant_plans(plans, folder)
     plans["continue_training"] = bool(continue_training)
     fold = parse_fold(fold)
     trainer = trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
@@ -80,6 +89,12 @@ def make_trainer(trainer_class: Type, dataset: str | int, plans_name: str = "nnP
     if iterations is not None:
         trainer.num_iterations_per_epoch = int(iterations)
     return trainer
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def check_length(epochs: Optional[int], iterations: Optional[int]) -> None:

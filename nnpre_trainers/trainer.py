@@ -29,6 +29,8 @@ variables: stock ``nnUNetv2_train -tr <alias>`` runs the alias's default task fr
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
 from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -106,6 +108,70 @@ def pretrained_tag(path: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "pretrained"
 
 
+#: Key of the record a variant plans file carries (:func:`variant_plans`).
+VARIANT_KEY = "nnpre_variant"
+
+
+def run_variant(pretrained: Optional[str] = None, num_train_cases: Optional[int] = None,
+                fraction: Optional[float] = None, adapter=None) -> str:
+    """Default variant name of a fine-tuning / detection run: ``scratch`` or ``pt_<source>``
+    (:func:`pretrained_tag`) [+ ``_n<N>`` / ``_f<fraction>``] [+ ``_<adapter>`` unless ``full``]."""
+    tag = "pt_" + pretrained_tag(pretrained) if pretrained else "scratch"
+    if num_train_cases is not None:
+        tag += f"_n{num_train_cases}"
+    elif fraction is not None:
+        tag += f"_f{fraction:g}"
+    if adapter is not None and getattr(adapter, "name", "full") != "full":
+        tag += "_" + adapter.name
+    return tag
+
+
+def variant_plans_name(base: str, variant: str) -> str:
+    """Plans identifier ``<base>_<variant>`` of a run variant, without ``__``.
+
+    nnU-Net 2.8.1 splits a run folder name on ``__`` into exactly (trainer, plans, configuration)
+    (``file_path_utilities.convert_identifier_to_trainer_plans_config``, used by ``nnUNetv2_find_best_configuration``
+    and ``parse_dataset_trainer_plans_configuration_from_path``), so runs of a ``__`` identifier (nnU-Net
+    master's ``ptPlans__NAME``, our ``nnPrePlans__<checkpoint>``) would not be found: ``__`` becomes ``_`` and
+    characters other than letters, digits, ``-``, ``_`` and ``.`` become ``_``.
+    """
+    raw = f"{base}_{variant}" if variant else base
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in raw)
+    while "__" in name:
+        name = name.replace("__", "_")
+    return name.strip("_") or "plans"
+
+
+def variant_plans(plans: dict, variant: str) -> dict:
+    """A copy of ``plans`` for run variant ``variant`` (same configurations and data identifiers, so the
+    preprocessed data is shared): ``plans_name`` = :func:`variant_plans_name` of the base plans, and the record
+    ``nnpre_variant = {base_plans, variant[, pretrain_info]}``. The base's ``pretrain_info`` moves into the record,
+    so ``nnPre_train --pretrained`` still finds exactly one plans file written for a checkpoint. Plans that already
+    are a variant are re-derived from their base (variants never stack)."""
+    out = copy.deepcopy(plans)
+    record = out.pop(VARIANT_KEY, None) or {}
+    base = record.get("base_plans") or out["plans_name"]
+    info = out.pop("pretrain_info", None) or record.get("pretrain_info")
+    out["plans_name"] = variant_plans_name(base, variant)
+    out[VARIANT_KEY] = {"base_plans": base, "variant": variant, **({"pretrain_info": info} if info else {})}
+    return out
+
+
+def write_variant_plans(plans: dict, folder: str) -> str:
+    """Write ``plans`` (from :func:`variant_plans`) as ``<folder>/<plans_name>.json`` (atomic; unchanged files
+    are not rewritten) so stock ``nnUNetv2_predict -p`` / ``nnUNetv2_find_best_configuration -p`` find it next to
+    the base plans. Returns the path."""
+    path = join(folder, plans["plans_name"] + ".json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            if json.load(f) == plans:
+                return path
+    except (OSError, ValueError):
+        pass
+    write_json(plans, path)
+    return path
+
+
 class nnPreTrainer(nnUNetTrainer):
     """One trainer for pretraining, fine-tuning and detection (see the module doc).
 
@@ -175,7 +241,7 @@ class nnPreTrainer(nnUNetTrainer):
             schedule: stages and LR (default: the task's recipe, see the module doc).
             adapter: object with ``apply(network) -> None`` (e.g. LoRA), applied after the transfer.
             num_train_cases / fraction: a deterministic few-label subset of the fold's training cases.
-            tag: run-folder suffix: ``<Trainer>__<Plans>__<config>__<tag>/fold_X``.
+            tag: plans variant of the run (:meth:`set_run_tag`): ``<Trainer>__<Plans>_<tag>__<config>/fold_X``.
             seed: run seed (network initialisation, loader RNGs).
         """
         if self.was_initialized:
@@ -203,21 +269,15 @@ class nnPreTrainer(nnUNetTrainer):
                              num_train_cases: Optional[int] = None, fraction: Optional[float] = None,
                              schedule: Optional[FinetuneSchedule] = None, tag: Optional[str] = None,
                              task: Optional[TrainingTask] = None, adapter=None) -> None:
-        """:meth:`compose` for fine-tuning from ``pretrained`` (or ``from_scratch``) with the default tag
-        ``scratch`` / ``pt_<source>`` [+ ``_n<N>`` / ``_f<fraction>``] [+ ``_<adapter>`` unless ``full``]."""
+        """:meth:`compose` for fine-tuning from ``pretrained`` (or ``from_scratch``) with the default plans variant
+        :func:`run_variant`: ``scratch`` / ``pt_<source>`` [+ ``_n<N>`` / ``_f<fraction>``] [+ ``_<adapter>``]."""
         if pretrained and from_scratch:
             fail("--pretrained and --from-scratch exclude each other")
         if not pretrained and not from_scratch:
             fail("give a pretrained checkpoint (--pretrained CKPT) or --from-scratch")
         transfer = EncoderTransfer(pretrained, self.dataset_json.get("channel_names")) if pretrained else None
-        if tag is None:
-            tag = "scratch" if from_scratch else "pt_" + pretrained_tag(pretrained)
-            if num_train_cases is not None:
-                tag += f"_n{num_train_cases}"
-            elif fraction is not None:
-                tag += f"_f{fraction:g}"
-            if getattr(adapter, "name", "full") != "full":  # adapter runs get their own folder: ..._lora
-                tag += "_" + adapter.name
+        if tag is None:  # adapter runs get their own folder too: ..._lora
+            tag = run_variant(None if from_scratch else pretrained, num_train_cases, fraction, adapter)
         self.compose(task=task, transfer=transfer, schedule=schedule, adapter=adapter,
                      num_train_cases=num_train_cases, fraction=fraction, tag=tag)
 
@@ -243,24 +303,58 @@ class nnPreTrainer(nnUNetTrainer):
         return None if self.stages is None else self.stages.stage_index
 
     def set_run_tag(self, tag: str) -> None:
-        """Move the run to ``<Trainer>__<Plans>__<config>__<tag>/fold_X`` (pretrained / scratch / few-label runs
-        don't collide); nnU-Net's banner log moves along and its empty untagged folder is removed."""
+        """Train with the plans variant ``tag`` (:func:`variant_plans`): the run folder becomes nnU-Net's own
+        ``<Trainer>__<plans>_<tag>__<config>/fold_X``, so pretrained / scratch / few-label / adapter runs don't
+        collide and stock ``nnUNetv2_predict -p <plans>_<tag>`` and ``nnUNetv2_find_best_configuration`` find them.
+
+        Rank 0 writes ``<plans>_<tag>.json`` next to the base plans. A trainer built with these plans
+        (:func:`nnpre_trainers.run.make_trainer` ``variant=``, as ``nnPre_train`` does) changes nothing here;
+        otherwise the empty folder the nnU-Net constructor made is removed by rank 0 after a DDP barrier (no
+        rank touches a folder another rank is still creating) and nnU-Net's banner log moves along.
+        """
+        plans = variant_plans(self.plans_manager.plans, tag)
+        if plans == self.plans_manager.plans:
+            return
+        if self.local_rank == 0 and self.preprocessed_dataset_folder_base is not None:
+            write_variant_plans(plans, self.preprocessed_dataset_folder_base)
         old_folder, old_log = self.output_folder, self.log_file
-        base = os.path.dirname(old_folder)
-        self.output_folder_base = base + "__" + tag
-        self.output_folder = join(self.output_folder_base, os.path.basename(old_folder))
+        self._use_plans(plans)
+        if self.is_ddp and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if self.output_folder is None:
+            return
         os.makedirs(self.output_folder, exist_ok=True)
         self.log_file = join(self.output_folder, os.path.basename(old_log))
-        try:  # (DDP ranks may race here: whoever comes second finds nothing to do)
-            if os.listdir(old_folder) == [os.path.basename(old_log)] and not os.path.exists(self.log_file):
+        if self.local_rank != 0:
+            return
+        try:
+            if os.path.isfile(old_log) and not os.path.exists(self.log_file):
                 os.replace(old_log, self.log_file)
         except OSError:
             pass
-        for empty in (old_folder, base):
+        for empty in (old_folder, os.path.dirname(old_folder)):
             try:
-                os.rmdir(empty)
+                os.rmdir(empty)  # only when empty: a stock run trained with the base plans stays untouched
             except OSError:
                 break
+
+    def _use_plans(self, plans: dict) -> None:
+        """Switch to ``plans`` (same configurations) and re-derive nnU-Net's folder names from them, as its
+        constructor does; checkpoints' ``init_args`` then carry these plans."""
+        from nnunetv2.paths import nnUNet_results
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        self.plans_manager = PlansManager(plans)
+        self.configuration_manager = self.plans_manager.get_configuration(self.configuration_name)
+        self.my_init_kwargs["plans"] = plans
+        cls, ds, cfg = self.__class__.__name__, self.plans_manager.dataset_name, self.configuration_name
+        if self.output_folder_base is not None:
+            self.output_folder_base = join(nnUNet_results, ds, f"{cls}__{plans['plans_name']}__{cfg}")
+            self.output_folder = join(self.output_folder_base, f"fold_{self.fold}")
+        if self.is_cascaded:
+            self.folder_with_segs_from_previous_stage = join(
+                nnUNet_results, ds, f"{cls}__{plans['plans_name']}__{self.configuration_manager.previous_stage_name}",
+                "predicted_next_stage", cfg)
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
     @property

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     apply_root(args)
     from nnpre.errors import fail
     from nnpre_trainers.run import make_trainer, maybe_resume, resolve_plans_name
-    from nnpre_trainers.trainer import ddp_setup_from_env
+    from nnpre_trainers.trainer import ddp_setup_from_env, run_variant
 
     ddp_setup_from_env()
     plans = resolve_plans_name(args.plans, args.dataset, getattr(args, "pretrained", None))
@@ -137,17 +137,24 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "finetune":
         from nnpre_trainers.aliases import nnPreFineTuneTrainer
 
-        trainer = make_trainer(nnPreFineTuneTrainer, fold=args.fold or 0, **common)
+        adapter = _adapter(args)
+        # the run's plans variant (<plans>_scratch, <plans>_pt_<source>...) chosen before the trainer is built, so
+        # its run folder is nnU-Net's <Trainer>__<plans>_<variant>__<config> from the start (stock tools find it)
+        variant = run_variant(args.pretrained, args.num_train_cases, args.fraction, adapter) \
+            if bool(args.pretrained) != bool(args.from_scratch) else None
+        trainer = make_trainer(nnPreFineTuneTrainer, fold=args.fold or 0, variant=variant, **common)
         trainer.configure_finetuning(pretrained=args.pretrained, from_scratch=args.from_scratch,
                                      num_train_cases=args.num_train_cases, fraction=args.fraction,
-                                     adapter=_adapter(args))
+                                     adapter=adapter)
         trainer.seed = args.seed
     else:
         from nnpre_trainers.aliases import nnPreDetectionTrainer
 
-        trainer = make_trainer(nnPreDetectionTrainer, fold=args.fold or 0, **common)
+        adapter = _adapter(args)
+        trainer = make_trainer(nnPreDetectionTrainer, fold=args.fold or 0, **common,
+                               variant=run_variant(args.pretrained, args.num_train_cases, None, adapter))
         trainer.configure_detection(pretrained=args.pretrained, num_train_cases=args.num_train_cases,
-                                    adapter=_adapter(args))
+                                    adapter=adapter)
         trainer.seed = args.seed
     trainer.overwrite = bool(args.overwrite)
     if args.resume:

@@ -69,7 +69,8 @@ def test_lora_finetune_cli_resume_export_and_stock_predictor(nnunet_root, tmp_pa
     assert _run(train_main, base + ["--epochs", "2"]) == 0
     out = capsys.readouterr().out
     assert "adapter lora (rank=2, alpha=4.0" in out and "parameters trainable" in out
-    folders = glob.glob(os.path.join(os.environ["nnUNet_results"], "Dataset043_T", "*__pt_pre_lora", "fold_all"))
+    folders = glob.glob(os.path.join(os.environ["nnUNet_results"], "Dataset043_T",
+                                     "nnPreFineTuneTrainer__nnPreResEncLPlans_pt_pre_lora__3d_fullres", "fold_all"))
     assert len(folders) == 1, folders
     folder = folders[0]
     import json
@@ -146,7 +147,7 @@ def test_probe_finetune_trains_heads_only(nnunet_root, tmp_path):
     t.num_val_iterations_per_epoch = 1
     t.show_progress = False
     t.configure_finetuning(pretrained=ckpt, adapter=get_adapter("probe-linear"))
-    assert "__pt_pre_probe-linear" in t.output_folder  # adapter runs get their own run folder
+    assert "nnPreResEncLPlans_pt_pre_probe-linear__3d_fullres" in t.output_folder  # adapter runs: own run folder
     t.initialize()
     heads0 = {k: v.clone() for k, v in t.unwrapped_network.state_dict().items() if k.startswith("decoder.heads.")}
     assert heads0 and not any(k.startswith("decoder.stages") for k in t.unwrapped_network.state_dict())
@@ -183,7 +184,7 @@ def test_lora_detection_encoder_frozen_and_merged_export_predicts(nnunet_root, t
     t.num_val_iterations_per_epoch = 1
     t.show_progress = False
     t.configure_detection(pretrained=ckpt, head_channels=16, adapter=get_adapter("lora", rank=2))
-    assert "__pt_pre_lora" in t.output_folder
+    assert "nnPreResEncLPlans_pt_pre_lora__3d_fullres" in t.output_folder
     t.run_training()
     final = os.path.join(t.output_folder, "checkpoint_final.pth")
     sd = safe_load(final)["network_weights"]

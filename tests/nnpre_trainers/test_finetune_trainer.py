@@ -1,4 +1,5 @@
 """Fine-tuning trainer: encoder-only load, frozen encoder in the decoder-only stage, resume across stages."""
+import json
 import os
 
 import pytest
@@ -124,8 +125,16 @@ def test_from_scratch_and_few_labels(nnunet_root):
     untagged = os.path.join(os.path.dirname(os.path.dirname(t.output_folder)),
                             "nnPreFineTuneTrainer__nnPreResEncLPlans__3d_fullres")
     assert not os.path.exists(untagged)  # nnU-Net's empty default run folder is removed
-    assert t.output_folder.endswith(os.path.join("nnPreFineTuneTrainer__nnPreResEncLPlans__3d_fullres__scratch_n2",
+    # the variant is in the plans identifier (nnU-Net's TRAINER__PLANS__CONFIG scheme, no suffix after CONFIG)
+    assert t.output_folder.endswith(os.path.join("nnPreFineTuneTrainer__nnPreResEncLPlans_scratch_n2__3d_fullres",
                                                  "fold_all"))
+    variant = json.load(open(os.path.join(os.environ["nnUNet_preprocessed"], "Dataset042_T",
+                                          "nnPreResEncLPlans_scratch_n2.json")))
+    base = json.load(open(os.path.join(os.environ["nnUNet_preprocessed"], "Dataset042_T", "nnPreResEncLPlans.json")))
+    assert variant["plans_name"] == "nnPreResEncLPlans_scratch_n2"
+    assert variant["nnpre_variant"] == {"base_plans": "nnPreResEncLPlans", "variant": "scratch_n2"}
+    assert variant["configurations"] == base["configurations"]  # same data identifier: no new preprocessing
+    assert t.my_init_kwargs["plans"]["plans_name"] == "nnPreResEncLPlans_scratch_n2"  # checkpoints' init_args
 
 
 def test_pretrained_run_folder_tag():

@@ -1,7 +1,8 @@
 """nnU-Net's environment variables and dataset ids, with one-line errors instead of tracebacks.
 
 nnU-Net 2.8 reads ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results`` lazily from
-``os.environ`` on every use (nnunet_api.md §3.2), so setting them here before calling nnU-Net works.
+``os.environ`` on every use (``nnunetv2/paths.py`` reads them at import; nnU-Net 2.8.1), so setting them here before
+calling nnU-Net works.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Anchors: the per-level anchor generator and anchor planning from training boxes.
 
-Parametrisation (nnDetection v001 ``AnchorGenerator3DS``, detection.md §1.4): per detection level three
+Parametrisation (nnDetection v001 ``AnchorGenerator3DS``, ``nndet/core/boxes/anchors.py``): per detection level three
 sizes per axis -- ``widths`` (axis 0), ``heights`` (axis 1), ``depths`` (axis 2) -- and the anchors of a
 position are their Cartesian product (3 x 3 x 3 = 27 anchors), centred at ``index * stride`` (no half-stride
 offset), cell anchor ``(-w/2, -h/2, w/2, h/2, -d/2, d/2)``. Flatten order is position-major (C order over

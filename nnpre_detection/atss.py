@@ -1,6 +1,6 @@
 """ATSS anchor matching (Zhang et al. 2020, "Adaptive Training Sample Selection"), as in nnDetection v001.
 
-Per ground-truth box g (detection.md §1.5):
+Per ground-truth box g (nnDetection ``nndet/core/boxes/matcher/atss.py``):
 
 1. on every detection level take the ``num_candidates * anchors_per_location`` anchors whose centres are
    closest (Euclidean) to the centre of g (nnDetection: 4 x 27 = 108 per level), at most all anchors of the

@@ -5,7 +5,8 @@ Layout
     x, y, z are simply array axes 0, 1, 2 of the spatial tensor (not world axes). 2D boxes ``(x1, y1, x2, y2)``
     are accepted wherever that costs nothing. Boxes are continuous coordinates; the size along an axis is
     ``hi - lo`` and the volume is the product of the sizes, without nnDetection's historic ``+1``
-    (detection.md §0.3). IoU/GIoU are always computed in float32, whatever the input dtype (nnDetection and
+    (nnDetection ``nndet/core/boxes/ops.py``). IoU/GIoU are always computed in float32, whatever the input dtype
+    (nnDetection and
     MONAI both do this), and returned as float32.
 """
 from __future__ import annotations

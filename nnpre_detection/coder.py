@@ -3,7 +3,8 @@
 Delta order follows the box layout ``(x1, y1, x2, y2, z1, z2)``: ``(dx, dy, dw, dh, dz, dd)`` with
 ``dx = wx * (gx_c - ax_c) / a_w`` and ``dw = ww * log(g_w / a_w)`` (same for y/h and z/d); centres are
 ``lo + size / 2`` and sizes ``hi - lo`` (no ``+1``). Weights default to 1 and the log-size deltas are clamped
-at ``log(1000 / 16)`` before ``exp`` when decoding (nnDetection / torchvision defaults, detection.md §1.8).
+at ``log(1000 / 16)`` before ``exp`` when decoding (nnDetection / torchvision defaults, nnDetection
+``nndet/core/boxes/coder.py``).
 MONAI's coder orders deltas ``(dx, dy, dz, dw, dh, dd)`` instead; only the network's own outputs use deltas.
 """
 from __future__ import annotations

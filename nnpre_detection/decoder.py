@@ -1,4 +1,5 @@
-"""UFPN decoder: a feature pyramid over all encoder stages (nnDetection ``UFPNModular``, detection.md §1.2).
+"""UFPN decoder: a feature pyramid over all encoder stages (nnDetection ``UFPNModular``,
+``nndet/arch/decoder/base.py``).
 
 For every encoder stage a lateral 1x1x1 conv maps its features to the level's channels; a top-down path adds
 the transposed-conv upsampled (kernel = stride = the stage's pooling stride) merged features of the level

@@ -1,4 +1,5 @@
-"""Shared detection heads (nnDetection v001 ``BCECLassifier`` / ``GIoURegressor``, detection.md §1.3).
+"""Shared detection heads (nnDetection v001 ``BCECLassifier`` / ``GIoURegressor``, ``nndet/arch/heads/classifier.py``
+/ ``regressor.py``).
 
 Both heads run the same small conv tower on every detection level (weights shared across levels):
 ``num_convs`` x [conv3x3 -> GroupNorm (16 channels per group, affine) -> ReLU] followed by an output conv3x3

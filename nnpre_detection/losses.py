@@ -1,4 +1,4 @@
-"""Retina U-Net losses (nnDetection v001, detection.md §1.7).
+"""Retina U-Net losses (nnDetection v001, ``nndet/losses/classification.py`` / ``regression.py``).
 
 * classification: sigmoid binary cross-entropy on one-hot foreground targets (background = all zeros), mean
   over sampled anchors x classes (:func:`sigmoid_focal_loss` over all anchors is the small-budget option);

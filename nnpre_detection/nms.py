@@ -1,7 +1,8 @@
 """Greedy non-maximum suppression for 3D (and 2D) boxes in pure PyTorch, on CPU or GPU.
 
 nnDetection's only compiled extension is its 3D NMS (``nndet/csrc``), the biggest source of its install
-issues (detection.md §0.8, §5). This module needs no extension and gives exactly greedy NMS:
+issues (MIC-DKFZ/nnDetection issue tracker: build failures of ``nndet._C``). This module needs no extension and gives
+exactly greedy NMS:
 boxes are visited in descending score order (stable sort, so ties keep input order as in MONAI), and a
 box is suppressed when its IoU with an already kept box is strictly greater than the threshold
 (nnDetection and MONAI semantics).

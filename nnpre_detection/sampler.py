@@ -1,4 +1,5 @@
-"""Hard-negative sampling over a whole batch (nnDetection ``HardNegativeSamplerBatched``, detection.md §1.6).
+"""Hard-negative sampling over a whole batch (nnDetection ``HardNegativeSamplerBatched``,
+``nndet/core/boxes/sampler.py``).
 
 With ``B`` images, budget ``batch_size_per_image * B``:
 

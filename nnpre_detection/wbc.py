@@ -1,5 +1,6 @@
 """Weighted box clustering (WBC; Jaeger et al. 2018, Retina U-Net), as nnDetection uses it to merge the
-predictions of several tiles / test-time augmentations / models of one case (detection.md §1.11 step 5).
+predictions of several tiles / test-time augmentations / models of one case (nnDetection
+``nndet/inference/detection/wbc.py``).
 
 Per class, greedily from the highest score: the cluster C of the current box b* is every remaining box with
 ``IoU(b*, b_i) > iou_threshold`` (b* included). With ``u_i = IoU(b*, b_i) * weight_i``:

@@ -1,7 +1,8 @@
 """The fine-tuning schedule as data: stages, the parameter groups they train, and their LR rules.
 
-Default (:func:`default_schedule`, the DKFZ recipe; pretraining.md §2.3 ``PretrainedTrainer`` and
-``PretrainedTrainer_sawtooth``, §4):
+Default (:func:`default_schedule`, the DKFZ recipe; nnU-Net master
+``nnunetv2/training/nnUNetTrainer/pretraining/pretrainedTrainer.py``
+``PretrainedTrainer`` and ``PretrainedTrainer_sawtooth``; Eckstein et al., arXiv 2509.15947):
 
 ========  ===========================  ===============================================  ======================
 stage     iterations                   trains                                           LR (peak 1e-3)
@@ -233,7 +234,8 @@ class FinetuneSchedule:
 
 
 # ---------------------------------------------------------------------------------------------- recipes
-#: Default recipe numbers (pretraining.md §2.3): 5 % decoder-first stage, lr 1e-3 pretrained / 1e-2 scratch.
+#: Default recipe numbers (nnU-Net master ``pretraining/pretrainedTrainer.py``): 5 % decoder-first stage, lr 1e-3
+#: pretrained / 1e-2 scratch.
 DKFZ_WARMUP_FRACTION = 0.05
 PRETRAINED_LR = 1e-3
 SCRATCH_LR = 1e-2

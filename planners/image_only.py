@@ -2,7 +2,7 @@
 
 Stock nnU-Net hard-requires labels: the fingerprint extractor reads a segmentation per case and
 collects intensities where it is > 0, and the preprocessor passes a label path for every case
-(nnunet_api.md §3.4). For a pool of unlabeled volumes we instead
+(nnU-Net 2.8.1 ``DatasetFingerprintExtractor`` and ``preprocess_dataset``). For a pool of unlabeled volumes we instead
 
 * fingerprint each case from its images alone, using the nonzero (body) region that nnU-Net's own
   ``crop_to_nonzero`` finds as the "foreground" for the intensity statistics, and

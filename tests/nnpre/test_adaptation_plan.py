@@ -91,7 +91,7 @@ def test_resenc_l_default_matches_nnssl_values():
 
 
 def test_resenc_l_default_builds_the_reference_network_shapes():
-    # shapes only (meta device): 956 state-dict keys, ~102.3M params, ~90.3M encoder, stem 960 (pretraining.md §3.4)
+    # shapes only (meta device): 956 state-dict keys, ~102.3M params, ~90.3M encoder, stem 960 (nnssl ResEnc-L)
     with torch.device("meta"):
         net = resenc_l_default().build_network(1, 1)
     assert len(net.state_dict()) == 956

@@ -253,6 +253,10 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
         return dets
 
     # -------------------------------------------------------------------------------------------- loss
+    # Kept out of torch.compile (nnU-Net compiles the network on CUDA by default): matching, sampling and the
+    # box-count-dependent shapes would cut the graph ~20 times and recompile with every new number of boxes,
+    # so only head_outputs (the dense network) is compiled; the loss runs eagerly on few anchors.
+    @torch.compiler.disable
     def compute_loss(self, out: Dict[str, object], targets: List[dict],
                      generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """Losses of one batch (ATSS matching, hard-negative sampling, BCE + GIoU + CE/Dice).
@@ -303,6 +307,7 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
         losses["loss"] = cls + reg + seg_ce + seg_dice
         return losses
 
+    @torch.compiler.disable
     def _check_target(self, t: dict, i: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
         if "boxes" not in t or "labels" not in t:
             raise ValueError(f"targets[{i}] needs keys 'boxes' (N, 6) and 'labels' (N,)")
@@ -316,6 +321,7 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
         return boxes, labels
 
     @staticmethod
+    @torch.compiler.disable
     def _seg_target(t: dict, i: int, shape, device) -> torch.Tensor:
         if t.get("seg") is None:
             raise ValueError(f"targets[{i}] has no 'seg' mask; Retina U-Net needs the fg/bg mask of the patch")

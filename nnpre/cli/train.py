@@ -8,6 +8,7 @@ Examples::
     nnPre_train detect   -d 501 --pretrained CKPT
     nnPre_train finetune -d 501 --pretrained CKPT --adapter lora --lora-rank 8   # or molre, probe-linear, ...
     torchrun --nproc_per_node=2 -m nnpre.cli.train pretrain -d 502 -t mae   # DDP (gloo on CPU)
+    nnPre_train pretrain -d 502 -t mae --amp bf16 --compile on   # mixed precision / torch.compile choices
 """
 from __future__ import annotations
 
@@ -40,6 +41,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="train again from scratch into a run folder whose run has finished (checkpoint_final.pth)")
     p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "fp16", "bf16"],
+                   help="mixed precision: auto (default, nnU-Net's: fp16 autocast + GradScaler on CUDA, fp32 on CPU), "
+                        "off, fp16 (CUDA only), bf16 (CUDA or CPU); parameters stay fp32")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the network: auto (default, nnU-Net's: on for CUDA unless nnUNet_compile is "
+                        "false, off on CPU), on (also on CPU), off")
     add_root_argument(p)
 
 
@@ -157,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
                                     adapter=adapter)
         trainer.seed = args.seed
     trainer.overwrite = bool(args.overwrite)
+    trainer.amp = args.amp
+    trainer.compile_network = {"auto": None, "on": True, "off": False}[args.compile]
     if args.resume:
         from nnpre_trainers.run_folder import finished_checkpoint
 

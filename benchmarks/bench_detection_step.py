@@ -46,6 +46,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--det", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="RetinaUNetConfig overrides (JSON values), e.g. decoder_levels=[2,3]")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     repeats = 3 if args.quick else args.repeats
@@ -71,7 +73,16 @@ def main() -> int:
     seg_loss = DeepSupervisionWrapper(DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False,
                                                       "ddp": False}, {}, 1, 1,
                                                      dice_class=MemoryEfficientSoftDiceLoss), w / w.sum())
-    over = preset_detector_overrides(args.preset, n_stages)
+    import json
+
+    over = dict(preset_detector_overrides(args.preset, n_stages))
+    for kv in args.det:
+        k, v = kv.split("=", 1)
+        try:
+            v = json.loads(v)
+        except ValueError:
+            pass
+        over[k] = tuple(v) if isinstance(v, list) else v
     det = build_retina_unet("ResidualEncoderUNet", ak, 1, 1, **over)
     opt_s = torch.optim.SGD(seg_net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
     opt_d = torch.optim.SGD(det.parameters(), lr=1e-3, momentum=0.9, nesterov=True)

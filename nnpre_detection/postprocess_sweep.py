@@ -21,10 +21,8 @@ cached predictions (``sweep_predictions/<case>.npz``, plain numpy arrays) let a 
 pooled validation cases of all folds without predicting again (:func:`consolidate_sweep`, nnDetection's
 ``nndet_consolidate --sweep_boxes``).
 
-Call at the end of detection training (the trainer's validation keys and preprocessed folder)::
-
-    run_postprocessing_sweep(self.output_folder, preprocessed_folder=self.preprocessed_dataset_folder,
-                             case_ids=val_keys, device=self.device)
+At the end of detection training (:class:`nnpre_detection.task.DetectionTask`) the trainer's network (the last
+weights, as nnDetection sweeps the last checkpoint), validation keys and preprocessed folder are passed in.
 """
 from __future__ import annotations
 
@@ -177,6 +175,14 @@ def ground_truth_from_seg(seg: np.ndarray) -> dict:
             "classes": np.asarray([mapping[int(i)] for i in ids], dtype=np.int64)}
 
 
+def dataset_class_for(folder: str):
+    """nnU-Net's dataset class for a preprocessed folder (Blosc2 when ``.b2nd`` files are present, else numpy);
+    unlike ``infer_dataset_class`` it ignores other files such as nnpre's preprocessing record."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, nnUNetDatasetNumpy
+
+    return nnUNetDatasetBlosc2 if any(f.endswith(".b2nd") for f in os.listdir(folder)) else nnUNetDatasetNumpy
+
+
 def _validation_cases(model_folder: str, info: dict) -> Tuple[str, List[str]]:
     """(preprocessed folder, validation keys of the fold) from nnU-Net's folders and ``splits_final.json``."""
     from nnunetv2.paths import nnUNet_preprocessed
@@ -204,28 +210,41 @@ def _validation_cases(model_folder: str, info: dict) -> Tuple[str, List[str]]:
 def predict_validation_sets(model_folder: str, preprocessed_folder: Optional[str] = None,
                             case_ids: Optional[Sequence[str]] = None, checkpoint: str = "checkpoint_final.pth",
                             mirror: bool = True, overlap: float = 0.5, device: torch.device = torch.device("cpu"),
-                            progress: bool = False) -> Tuple[Dict[str, tuple], Dict[str, dict], int]:
+                            progress: bool = False, network=None, patch_size: Optional[Sequence[int]] = None
+                            ) -> Tuple[Dict[str, tuple], Dict[str, dict], int]:
     """Predict the fold's validation cases in preprocessed space and cache their raw sets.
 
     Each case keeps the top ``model_topk`` (1000) boxes per set, as nnDetection's ``save_state``.
 
+    Args:
+        network / patch_size: an in-memory detector (e.g. the trainer's network at the end of training, which
+            holds the last weights) and its tile size, instead of loading ``checkpoint``; then
+            ``preprocessed_folder`` and ``case_ids`` are required.
+
     Returns:
         (case_sets, ground_truth, num_classes).
     """
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from tqdm import tqdm
 
     from nnpre_detection.inference import find_checkpoint, load_detector, predict_case_sets
 
-    model, info = load_detector(find_checkpoint(model_folder, checkpoint), device)
-    if preprocessed_folder is None or case_ids is None:
-        pf, keys = _validation_cases(model_folder, info)
-        preprocessed_folder = preprocessed_folder or pf
-        case_ids = keys if case_ids is None else case_ids
+    if network is not None:
+        if preprocessed_folder is None or case_ids is None or patch_size is None:
+            fail("predict_validation_sets with an in-memory network needs preprocessed_folder, case_ids and "
+                 "patch_size")
+        model, patch, num_classes = network, list(patch_size), int(network.num_classes)
+        was_training = bool(network.training)
+    else:
+        model, info = load_detector(find_checkpoint(model_folder, checkpoint), device)
+        if preprocessed_folder is None or case_ids is None:
+            pf, keys = _validation_cases(model_folder, info)
+            preprocessed_folder = preprocessed_folder or pf
+            case_ids = keys if case_ids is None else case_ids
+        patch = info["plans"]["configurations"][info["configuration"]]["patch_size"]
+        num_classes = int(info["num_classes"])
     if not os.path.isdir(preprocessed_folder):
         fail(f"preprocessed folder {preprocessed_folder} does not exist; run nnPre_plan / preprocessing first")
-    patch = info["plans"]["configurations"][info["configuration"]]["patch_size"]
-    ds = infer_dataset_class(preprocessed_folder)(preprocessed_folder, list(case_ids))
+    ds = dataset_class_for(preprocessed_folder)(preprocessed_folder, list(case_ids))
     cache = os.path.join(model_folder, CACHE_DIR)
     if os.path.isdir(cache):  # stale cases of an earlier sweep would enter a later consolidation
         for fn in os.listdir(cache):
@@ -239,16 +258,19 @@ def predict_validation_sets(model_folder: str, preprocessed_folder: Optional[str
         sets = [p.top(topk) for p in predict_case_sets(model, image, patch, overlap, mirror)]
         shape = tuple(int(s) for s in image.shape[1:])
         gt = ground_truth_from_seg(np.asarray(seg))
-        save_case_cache(cache, k, sets, shape, gt, int(info["num_classes"]))
+        save_case_cache(cache, k, sets, shape, gt, num_classes)
         case_sets[k], gts[k] = (sets, shape), gt
-    return case_sets, gts, int(info["num_classes"])
+    if network is not None and was_training:
+        model.train()  # predict_case_sets switched it to eval mode
+    return case_sets, gts, num_classes
 
 
 def run_postprocessing_sweep(model_folder: str, preprocessed_folder: Optional[str] = None,
                              case_ids: Optional[Sequence[str]] = None, checkpoint: str = "checkpoint_final.pth",
                              mirror: bool = True, overlap: float = 0.5, device: torch.device = torch.device("cpu"),
                              values: Optional[Mapping[str, Sequence]] = None,
-                             progress: bool = False) -> InferencePlan:
+                             progress: bool = False, network=None,
+                             patch_size: Optional[Sequence[int]] = None) -> InferencePlan:
     """Predict the validation cases, sweep the post-processing and save ``model_folder/inference_plan.json``.
 
     Args:
@@ -258,12 +280,13 @@ def run_postprocessing_sweep(model_folder: str, preprocessed_folder: Optional[st
         checkpoint: nnDetection sweeps the last checkpoint (``checkpoint_final.pth``).
         mirror / overlap: prediction as at test time (nnDetection: 8 TTAs, 0.5).
         values: candidate values (default :data:`SWEEP_VALUES`).
+        network / patch_size: sweep an in-memory detector (see :func:`predict_validation_sets`).
 
     Returns:
         the best plan (also written, with the sweep history, to ``inference_plan.json``).
     """
     case_sets, gts, num_classes = predict_validation_sets(model_folder, preprocessed_folder, case_ids, checkpoint,
-                                                          mirror, overlap, device, progress)
+                                                          mirror, overlap, device, progress, network, patch_size)
     plan, history = sweep_inference_plan(case_sets, gts, num_classes, values)
     save_inference_plan(plan, model_folder, {"metric": SWEEP_METRIC, "cases": sorted(case_sets),
                                              "checkpoint": checkpoint, "history": history})

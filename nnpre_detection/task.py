@@ -8,7 +8,10 @@
   :class:`~nnpre_detection.targets.BoxTargetsTransform` as the last transform: each (X, Y, Z) seg patch becomes
   instances (26-connected components) and boxes (nnDetection ``min - 1`` / ``max + 1``) in the loader workers;
 * loss: the detector's loss dict (``loss`` = classification + regression + segmentation parts);
-* validation: mean validation loss per epoch (no Dice); ``checkpoint_best`` = lowest validation loss.
+* validation: mean validation loss per epoch and nnDetection's box metrics of the validation patches
+  (:class:`~nnpre_detection.validation.PatchEvaluator`); ``checkpoint_best`` = highest
+  ``mAP_IoU_0.10_0.50_0.05_MaxDet_100`` (nnDetection ``monitor_key``);
+* end of training: nnDetection's post-processing sweep on the validation cases -> ``inference_plan.json``.
 
 Checkpoints carry ``nnpre_detection`` (number of classes, anchor sizes, detector config, plans, dataset.json,
 configuration name) so :mod:`nnpre_detection.inference` rebuilds the model from the checkpoint alone.
@@ -16,6 +19,7 @@ configuration name) so :mod:`nnpre_detection.inference` rebuilds the model from 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -93,6 +97,11 @@ class DetectionTask(TrainingTask):
         head = preset_from_plans(ctx.plans_manager.plans).detector_head_channels
         if head is not None and "head_channels" not in self.detector_overrides:
             self.detector_overrides["head_channels"] = int(head)  # preset-scaled towers (see nnpre.presets)
+        from nnpre_detection.recipe import preset_detector_overrides
+
+        for k, v in preset_detector_overrides(preset_from_plans(ctx.plans_manager.plans).name,
+                                              int(cm.network_arch_init_kwargs["n_stages"])).items():
+            self.detector_overrides.setdefault(k, v)  # the preset's detector options (nnpre_detection.recipe)
         if self.anchor_sizes is None and self.plan_anchors:
             self.anchor_sizes = self.planned_anchor_sizes(ctx)
         return build_retina_unet(cm.network_arch_class_name, cm.network_arch_init_kwargs, ctx.num_input_channels,
@@ -115,15 +124,75 @@ class DetectionTask(TrainingTask):
         return dict(network(data, targets))
 
     def validation_step(self, trainer, batch: dict) -> dict:
-        # the loss needs training mode (matching/sampling); no_grad is set by the caller, and nnU-Net's
-        # InstanceNorm keeps no running statistics that training mode would change.
-        inputs = self.prepare_batch(batch, trainer.device)
-        with autocast_for(trainer.device):
-            losses = self.compute_losses(trainer.network, inputs)
-        return {"loss": float(losses["loss"].detach().float().cpu())}
+        """Validation loss and the per-patch detections (one forward pass) for nnDetection's validation mAP.
+
+        The loss needs training mode (matching/sampling); no_grad is set by the caller, and nnU-Net's
+        InstanceNorm keeps no running statistics that training mode would change."""
+        data, targets = self.prepare_batch(batch, trainer.device)
+        net = trainer.unwrapped_network
+        net.train()
+        with autocast_for(trainer.device, trainer.amp):
+            out = net.head_outputs(data)
+            losses = net.compute_loss(out, targets)
+            preds = net.postprocess(out)
+        return {"loss": float(losses["loss"].detach().float().cpu()),
+                "det": ([{k: v.detach().cpu() for k, v in p.items()} for p in preds],
+                        [{"boxes": t["boxes"].cpu(), "labels": t["labels"].cpu()} for t in targets])}
+
+    def on_validation_epoch_end(self, trainer, outputs: List[dict]) -> None:
+        """Mean validation loss, and box metrics of the epoch's validation patches (each patch one image, fast
+        evaluator) as nnDetection logs them; ``recipe.monitor_key`` (mAP@0.1:0.5) selects ``checkpoint_best``."""
+        from nnpre_detection.recipe import NNDET_V001
+        from nnpre_detection.validation import PatchEvaluator
+
+        trainer.log_mean_val_loss(outputs)
+        ev = PatchEvaluator(trainer.unwrapped_network.num_classes)
+        for o in outputs:
+            if "det" in o:
+                ev.add(*o["det"])
+        metrics = ev.finish()
+        self.val_metric = float(metrics.get(NNDET_V001.monitor_key, float("nan")))
+        if metrics:
+            trainer.print_to_log_file("validation patches: " + ", ".join(
+                f"{k} {metrics[k]:.3f}" for k in ("AP_IoU_0.10_MaxDet_100", NNDET_V001.monitor_key) if k in metrics))
+
+    def on_epoch_end(self, trainer) -> None:
+        """Latest checkpoint and epoch log as every task; ``checkpoint_best`` by validation mAP (nnDetection
+        ``monitor_key``, mode max) instead of the lowest validation loss."""
+        from nnpre_detection.recipe import NNDET_V001
+
+        best_loss = getattr(trainer, "_best_ema", None)
+        trainer._best_ema = float("-inf")  # no loss-based best checkpoint
+        try:
+            trainer.end_loss_epoch()
+        finally:
+            trainer._best_ema = best_loss
+        metric = getattr(self, "val_metric", float("nan"))
+        if NNDET_V001.is_better(metric, getattr(self, "best_metric", None)):
+            self.best_metric = metric
+            if getattr(trainer, "local_rank", 0) == 0:
+                trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_best.pth"))
+        trainer.current_epoch += 1
 
     def final_validation(self, trainer, save_probabilities: bool = False) -> None:
-        trainer.print_to_log_file("detection: no segmentation validation; run nnPre_predict + nnPre_evaluate")
+        """nnDetection's empirical post-processing sweep on the fold's validation cases with the last weights
+        (:func:`nnpre_detection.postprocess_sweep.run_postprocessing_sweep`) -> ``inference_plan.json`` in the
+        run folder, read by ``nnPre_predict``. Mirror TTA as nnDetection (8 variants) except for the cpu-tiny
+        preset, whose runs predict without mirroring."""
+        from nnpre_detection.postprocess_sweep import run_postprocessing_sweep
+
+        if getattr(trainer, "local_rank", 0) != 0:
+            return
+        _, val_keys = trainer.do_split()
+        if not val_keys:
+            trainer.print_to_log_file("detection: no validation cases, post-processing sweep skipped")
+            return
+        mirror = preset_from_plans(trainer.plans_manager.plans).name != "cpu-tiny"
+        plan = run_postprocessing_sweep(trainer.output_folder, trainer.preprocessed_dataset_folder, list(val_keys),
+                                        mirror=mirror, device=trainer.device, network=trainer.unwrapped_network,
+                                        patch_size=trainer.configuration_manager.patch_size)
+        trainer.print_to_log_file(f"detection: post-processing sweep on {len(val_keys)} validation cases -> "
+                                  f"inference_plan.json {plan.to_dict()}")
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def checkpoint_extras(self, trainer) -> Dict[str, Any]:

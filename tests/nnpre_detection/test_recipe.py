@@ -76,5 +76,5 @@ def test_preset_detector_overrides():
 
     assert preset_detector_overrides("gpu", 6) == {}
     over = preset_detector_overrides("cpu-tiny", 4)
-    assert over["decoder_levels"] == (2, 3) and over["head_channels"] == 32
+    assert over == {"head_channels": 32}  # nnDetection's detection levels (see the docstring's measurement)
     RetinaUNetConfig().with_overrides(**over)  # valid detector options

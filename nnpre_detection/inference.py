@@ -279,6 +279,10 @@ def find_checkpoint(model_dir: str, checkpoint: str = "checkpoint_final.pth") ->
 def load_detector(checkpoint_path: str, device: torch.device = torch.device("cpu")):
     """Rebuild the Retina U-Net of a ``nnPreDetectionTrainer`` checkpoint (loaded with ``weights_only=True``).
 
+    An adapter run's checkpoint (``nnpre_run.adapter``, e.g. LoRA: ``...conv.base.weight`` + ``lora_A/B``) gets its
+    recorded adapter applied to the rebuilt model before the weights load, as the trainer did before training
+    (:func:`nnpre_trainers.adapters.adapter_from_dict`); ``nnPre_export --full`` output loads as it is.
+
     Returns:
         (model in eval mode on ``device``, the checkpoint's ``nnpre_detection`` dict).
     """
@@ -294,6 +298,11 @@ def load_detector(checkpoint_path: str, device: torch.device = torch.device("cpu
     model = build_retina_unet(info["arch_class_name"], info["arch_kwargs"], int(info["num_input_channels"]),
                               int(info["num_classes"]), anchor_sizes=info["anchor_sizes"],
                               arch_kwargs_req_import=info["arch_kwargs_req_import"], **cfg)
+    adapter = (ck.get("nnpre_run") or {}).get("adapter")
+    if adapter and adapter.get("name", "full") != "full":
+        from nnpre_trainers.adapters import adapter_from_dict
+
+        adapter_from_dict(adapter).apply(model)
     model.load_state_dict(strip_prefixes(ck["network_weights"]))
     return model.to(device).eval(), info
 

@@ -192,6 +192,11 @@ def test_lora_detection_encoder_frozen_and_merged_export_predicts(nnunet_root, t
         assert torch.equal(sd[_adapted_key(sd, k)], v), f"frozen encoder tensor changed: {k}"
     assert any(float(v.abs().max()) > 0 for k, v in sd.items() if ".lora_B." in k), "LoRA B never trained"
 
+    # nnPre_predict applies the recorded adapter to the unmerged checkpoint; same boxes as the merged export below
+    unmerged_out = tmp_path / "preds_unmerged"
+    assert predict_main(["-i", os.path.join(raw, "imagesTr"), "-o", str(unmerged_out), "-m", t.output_folder,
+                         "--device", "cpu"]) == 0
+
     merged_dir = tmp_path / "merged_run"
     shutil.copytree(os.path.dirname(t.output_folder), merged_dir)
     merged_final = str(merged_dir / os.path.basename(t.output_folder) / "checkpoint_final.pth")
@@ -205,3 +210,9 @@ def test_lora_detection_encoder_frozen_and_merged_export_predicts(nnunet_root, t
     assert predict_main(["-i", os.path.join(raw, "imagesTr"), "-o", str(out), "-m",
                          str(merged_dir / os.path.basename(t.output_folder)), "--device", "cpu"]) == 0
     assert sorted(f for f in os.listdir(out) if f.endswith(".json")) == ["c000.json", "c001.json", "c002.json"]
+    import json
+
+    for f in ("c000.json", "c001.json", "c002.json"):
+        a, b = json.load(open(out / f)), json.load(open(unmerged_out / f))
+        assert len(a["boxes"]) == len(b["boxes"]), f  # merged LoRA = base + B·A: same model up to rounding
+        assert np.allclose(sorted(a["scores"]), sorted(b["scores"]), atol=1e-4), f

@@ -751,6 +751,8 @@ class nnPreTrainer(nnUNetTrainer):
                 self.on_validation_epoch_end(val_outputs)
             self.on_epoch_end()
         self.on_train_end()
+        if self.is_ddp:  # every rank returns once rank 0 has written checkpoint_final (a next run may read it)
+            dist.barrier()
 
 
 def ddp_setup_from_env() -> bool:

@@ -69,6 +69,10 @@ class SeededLoader:
     def set_thread_id(self, thread_id: int) -> None:
         """Called by batchgenerators in each worker process before its first batch."""
         die_with_parent(self.parent_pid)
+        # one torch thread per worker, as nnU-Net's NonDetMultiThreadedAugmenter producer does: a worker forked
+        # from a process whose OpenMP pool already ran (a second trainer in the same process, e.g. nnPre_demo)
+        # otherwise spins forever in its first parallel region (seen in batchgeneratorsv2's FFT blur)
+        torch.set_num_threads(1)
         self.thread_id = int(thread_id)
         self._states = None
         if hasattr(self.loader, "set_thread_id"):

@@ -1,4 +1,4 @@
-"""Pretraining trainer on an image-only pool: every task runs, checkpoints are safe, resume, DDP, stock CLI."""
+"""Pretraining trainer on an image-only pool: every task runs, safe checkpoints, resume, stock CLI (DDP: test_ddp)."""
 import os
 import subprocess
 import sys
@@ -94,19 +94,6 @@ def test_resume_after_kill(pool):
     assert len(t2.optimizer.state_dict()["state"]) > 0  # momentum buffers restored
     t2.run_training()
     assert len(t2.logger.local_logger.my_fantastic_logging["train_losses"]) == 3
-
-
-def test_ddp_gloo_two_processes(pool):
-    env = dict(os.environ, OMP_NUM_THREADS="1", nnUNet_n_proc_DA="0")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
-           "nnpre.cli.train", "pretrain", "-d", "51", "-t", "mae", "--epochs", "1", "--iterations", "2",
-           "--device", "cpu", "-f", "all"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stdout[-1500:] + out.stderr[-3000:]
-    folder = os.path.join(os.environ["nnUNet_results"], "Dataset051_T",
-                          "nnPreTrainer_MAE__nnPreResEncLPlans__3d_fullres", "fold_all")
-    assert os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
-    assert "world size is 2" in (out.stdout + out.stderr).lower().replace("the world size", "world size")
 
 
 def test_stock_nnunetv2_train_finds_our_trainer(pool):

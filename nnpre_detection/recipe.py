@@ -210,7 +210,7 @@ def preset_detector_overrides(preset_name: str, n_stages: Optional[int] = None) 
     nnDetection's rule (``min(max(1, R - 4), 2) .. R - 1``, i.e. strides 2, 4, 8 for cpu-tiny's 4 stages).
     Starting at stride 4 instead (as nnDetection's usual 6-stage networks do) made a detection step 1.1-1.2x a
     segmentation step instead of about 2.5x (``benchmarks/bench_detection_step.py``), but the detector then
-    hardly learned the small cpu-tiny lesions: AP@0.1 0.08 vs 0.24 (300 iterations, seed 0,
+    hardly learned the small cpu-tiny lesions: AP@0.1 0.08 / 0.37 vs 0.24 / 0.61 (300 iterations, seeds 0 / 1,
     ``benchmarks/bench_detection_learning.py``) and a top-box IoU of 0.04 vs 0.8 after 24 iterations on the
     trainer test's data. ``n_stages`` is accepted for presets whose options depend on the depth.
     """

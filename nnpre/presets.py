@@ -43,6 +43,11 @@ class Preset:
             iterations (demo Dice 0.00-0.03 vs scratch 0.24), while at 3e-3 MAE reached 0.24 and diffusion 0.16.
             The recipe's lower LR protects pretrained features over 1000 epochs; in 270 iterations it only
             measures how slowly a run leaves the background solution.
+        pretext_overrides: per pretext task (registry name) config values this preset changes; applied where the
+            trainer builds the task (:meth:`nnpre_trainers.trainer.nnPreTrainer.pretext_config`), an explicit
+            ``nnPre_train pretrain --set KEY=VALUE`` wins. Empty for ``gpu`` (the papers' values). ``cpu-tiny``:
+            VoCo crops the plans' 32³ patch (``region_size`` None) instead of nnssl's 256×256×64 region, which
+            on cpu-tiny plans took 188 s and 5 GB per iteration (2 cores).
     """
 
     name: str
@@ -59,6 +64,7 @@ class Preset:
     detector_head_channels: Optional[int] = None
     finetune_optimizer: str = "sgd"
     finetune_lr: Optional[Tuple[float, float]] = None
+    pretext_overrides: Dict[str, Dict[str, object]] = field(default_factory=dict)
     extra: Dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -93,6 +99,7 @@ PRESETS: Dict[str, Preset] = {
         detector_head_channels=32,
         finetune_optimizer="adamw",
         finetune_lr=(3e-3, 3e-3),
+        pretext_overrides={"voco": {"region_size": None}},
     ),
 }
 PRESETS["default"] = PRESETS["gpu"]

@@ -80,6 +80,7 @@ def make_trainer(trainer_class: Type, dataset: str | int, plans_name: str = "nnP
                             device=pick_device(device))
     if preset is not None:
         p = get_preset(preset)
+        trainer.preset = p
         trainer.num_epochs = p.num_epochs
         trainer.num_iterations_per_epoch = p.iterations_per_epoch
         trainer.num_val_iterations_per_epoch = p.val_iterations_per_epoch

@@ -192,6 +192,7 @@ class nnPreTrainer(nnUNetTrainer):
             self.device = torch.device("cpu")
             self.grad_scaler = None
         preset = preset_from_plans(self.plans_manager.plans)
+        self.preset = preset  # make_trainer(preset=...) replaces it; pretext_overrides come from it
         self.num_epochs = preset.num_epochs
         self.num_iterations_per_epoch = preset.iterations_per_epoch
         self.num_val_iterations_per_epoch = preset.val_iterations_per_epoch
@@ -226,8 +227,14 @@ class nnPreTrainer(nnUNetTrainer):
         if self.pretext_name is not None:
             from nnpre_trainers.tasks.pretext import PretextTrainingTask
 
-            return PretextTrainingTask(self.pretext_name)
+            return PretextTrainingTask(self.pretext_name, **self.pretext_config(self.pretext_name))
         return get_task(self.task_name)
+
+    def pretext_config(self, name: str, config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Config overrides of pretext task ``name``: the preset's ``pretext_overrides[name]``
+        (:class:`nnpre.presets.Preset`; e.g. cpu-tiny VoCo crops the plans patch), then ``config`` (the user's
+        explicit values, which win)."""
+        return {**dict(self.preset.pretext_overrides.get(name, {})), **dict(config or {})}
 
     def compose(self, task: Optional[TrainingTask] = None, transfer: Optional[EncoderTransfer] = None,
                 schedule: Optional[FinetuneSchedule] = None, adapter=None, num_train_cases: Optional[int] = None,
@@ -282,12 +289,13 @@ class nnPreTrainer(nnUNetTrainer):
                      num_train_cases=num_train_cases, fraction=fraction, tag=tag)
 
     def set_pretext(self, name: str, **config) -> None:
-        """Pretrain with the registered pretext task ``name`` and config overrides (before training)."""
+        """Pretrain with the registered pretext task ``name`` and config overrides (before training; they win over
+        the preset's, see :meth:`pretext_config`)."""
         from nnpre_trainers.tasks.pretext import PretextTrainingTask
 
         if self.was_initialized:
             fail("the pretext task must be chosen before training starts")
-        self.task = PretextTrainingTask(name, **config)
+        self.task = PretextTrainingTask(name, **self.pretext_config(name, config))
 
     @property
     def pretext(self):

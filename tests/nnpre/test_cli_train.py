@@ -138,3 +138,29 @@ def test_loader_workers_die_with_a_killed_trainer(labelled):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_cpu_tiny_voco_crops_the_plans_patch_and_explicit_set_wins(labelled, capsys):
+    """cpu-tiny's pretext override (VoCo region_size None = the plans' 32³ patch instead of nnssl's 256×256×64,
+    188 s and 5 GB per iteration on 2 cores) applies through nnPre_train pretrain; --set wins; gpu keeps nnssl's."""
+    from nnpre.checkpoints import safe_load
+    from nnpre.cli.train import main
+    from nnpre_trainers.aliases import pretrain_trainer
+    from nnpre_trainers.run import make_trainer
+
+    t0 = time.time()
+    assert main(["pretrain", "-d", "61", "-t", "voco", "-f", "all", *COMMON]) == 0
+    assert time.time() - t0 < 120
+    final = os.path.join(os.environ["nnUNet_results"], "Dataset061_T",
+                         "nnPreTrainer_VOCO__nnPreResEncLPlans__3d_fullres", "fold_all", "checkpoint_final.pth")
+    from nnpre.adaptation_plan import NNPRE_EXTRAS_KEY
+
+    recorded = safe_load(final)["nnssl_adaptation_plan"][NNPRE_EXTRAS_KEY]["pretext_config"]
+    assert recorded["region_size"] is None, recorded
+
+    t = make_trainer(pretrain_trainer("voco"), 61, device="cpu")
+    assert t.default_task().pretext.config.region_size is None  # the plans' preset (cpu-tiny)
+    t.set_pretext("voco", region_size=[64, 64, 32])
+    assert tuple(t.pretext.config.region_size) == (64, 64, 32)  # explicit --set wins
+    g = make_trainer(pretrain_trainer("voco"), 61, device="cpu", preset="gpu")
+    assert tuple(g.default_task().pretext.config.region_size) == (256, 256, 64)  # faithful default untouched

@@ -9,6 +9,9 @@ in model code):
 * ``BoxCoder``, ``AnchorGenerator``, ``AnchorPlan``, ``plan_anchors``, ``relative_level_factors``,
   ``ATSSMatcher``, ``HardNegativeSampler``
 * ``RetinaUNet``, ``RetinaUNetConfig``, ``build_retina_unet``, ``default_decoder_levels``
+* whole-case ensembling and post-processing (nnDetection ``BoxEnsemblerSelective`` / sweep):
+  ``InferencePlan``, ``ensemble_case``, ``run_postprocessing_sweep``; training recipe ``DetectionRecipe``;
+  ``BoxTargetsTransform`` (targets in the loader workers); ``validation_map``
 """
 from __future__ import annotations
 
@@ -26,6 +29,11 @@ _EXPORTS = {
     "HardNegativeSampler": "sampler",
     "RetinaUNet": "retina_unet", "RetinaUNetConfig": "retina_unet", "build_retina_unet": "retina_unet",
     "default_decoder_levels": "retina_unet",
+    "InferencePlan": "ensemble", "ensemble_case": "ensemble",
+    "run_postprocessing_sweep": "postprocess_sweep",
+    "DetectionRecipe": "recipe",
+    "BoxTargetsTransform": "targets",
+    "validation_map": "validation",
 }
 
 __all__ = sorted(_EXPORTS)

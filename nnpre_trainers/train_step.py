@@ -34,8 +34,9 @@ Amp = Union[str, torch.dtype, None]
 def amp_dtype(amp: Amp, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of mode ``amp`` on ``device`` (None = no autocast, plain fp32).
 
-    ``"auto"`` → float16 on CUDA (``torch.autocast("cuda")``'s default, nnU-Net's ``train_step``), None on
-    CPU/MPS (nnU-Net autocasts on CUDA only); ``"off"`` / None → None; ``"fp16"`` → float16 (CUDA only: a one-line
+    ``"auto"`` → on CUDA ``torch.autocast("cuda")``'s default dtype (float16 unless changed process-wide with
+    ``torch.set_autocast_dtype``, exactly as nnU-Net's ``train_step``), None on CPU/MPS (nnU-Net autocasts on
+    CUDA only); ``"off"`` / None → None; ``"fp16"`` → float16 (CUDA only: a one-line
     error elsewhere); ``"bf16"`` → bfloat16 (CUDA or CPU); a ``torch.dtype`` is returned as given.
     """
     device = torch.device(device)
@@ -44,7 +45,7 @@ def amp_dtype(amp: Amp, device: torch.device) -> Optional[torch.dtype]:
     if amp not in AMP_CHOICES:
         fail(f"unknown mixed-precision mode '{amp}'; choose one of {', '.join(AMP_CHOICES)}")
     if amp == "auto":
-        return torch.float16 if device.type == "cuda" else None
+        return torch.get_autocast_dtype("cuda") if device.type == "cuda" else None
     if amp == "fp16" and device.type != "cuda":
         fail(f"--amp fp16 needs a CUDA device (this run is on {device.type}); use --amp bf16 or --amp off")
     return _AMP_DTYPES.get(amp)

@@ -194,7 +194,7 @@ def loss_figure(records: Mapping[str, dict], grid: StudyGrid):
         ax.set_title(f"{task} fine-tuning, {n0} labelled: train loss")
     for ax in axes:
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         legend_outside(ax)
     return fig
 

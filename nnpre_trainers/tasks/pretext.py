@@ -149,7 +149,7 @@ class PretextTrainingTask(TrainingTask):
             ax.plot(ep, log["train_losses"], "-o", label="train")
             ax.plot(ep, log["val_losses"][: len(ep)], "-o", label="validation")
             ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             ax.set_ylabel(f"{self.pretext.name} loss")
             ax.set_title(f"Pretraining ({self.pretext.name})")
             legend_outside(ax)

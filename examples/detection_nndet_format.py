@@ -16,7 +16,7 @@ Usage::
    re-derives objects as connected components; the evaluation in step 5 uses the original instances;
 2. ``plan_dataset``: plan and preprocess (``nnPre_plan -d XXX``);
 3. the detection trainer (``nnPre_train detect -d XXX [--pretrained CKPT]``), run folder
-   ``nnUNet_results/DatasetXXX_Name/nnPreDetectionTrainer__<plans>__3d_fullres__<scratch|pt_CKPTNAME>/fold_F``;
+   ``nnUNet_results/DatasetXXX_Name/nnPreDetectionTrainer__<plans>_<scratch|pt_CKPTNAME>__3d_fullres/fold_F``;
 4. ``nnpre_detection.inference.predict_folder``: one ``<case>.json`` per test image (``nnPre_predict``);
 5. ``evaluate_detection`` against the nnDetection ``labelsTs``: FROC, AP@IoU 0.1, mAP (``nnPre_evaluate``).
 
@@ -84,12 +84,13 @@ def run(args: argparse.Namespace) -> int:
     print(result.summary())
 
     torch.manual_seed(args.seed)
-    trainer = make_trainer(nnPreDetectionTrainer, dataset, resolve_plans_name(args.planner), fold=args.fold,
-                           device=args.device, preset=args.preset, epochs=args.epochs, iterations=args.iterations)
     tag = "scratch" if not args.pretrained else "pt_" + re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(
         args.pretrained)).removesuffix(".pth")
     if args.num_train_cases:
         tag += f"_n{args.num_train_cases}"
+    trainer = make_trainer(nnPreDetectionTrainer, dataset, resolve_plans_name(args.planner), fold=args.fold,
+                           device=args.device, preset=args.preset, epochs=args.epochs, iterations=args.iterations,
+                           variant=tag)
     trainer.configure_detection(pretrained=args.pretrained, num_train_cases=args.num_train_cases, tag=tag)
     trainer.run_training()
     print(f"model: {trainer.output_folder}")

@@ -17,7 +17,7 @@ checkpoint. Steps:
    decoder-only warm-up, then everything; the stem is remapped when the channel count differs;
 3. nnU-Net's validation of the fold (skip with ``--no-validation``).
 
-The run folder is ``nnUNet_results/DatasetXXX/nnPreFineTuneTrainer__<plans>__3d_fullres__pt_<checkpoint name>/fold_F``;
+The run folder is ``nnUNet_results/DatasetXXX/nnPreFineTuneTrainer__<plans>_pt_<checkpoint name>__3d_fullres/fold_F``;
 what was loaded is written to ``pretrained_transfer.json`` there (printed at the end).
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="iterations per epoch")
     p.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation")
     p.add_argument("--tag", default=None,
-                   help="run-folder suffix (default pt_<checkpoint file name>[_n<N>])")
+                   help="run variant, part of the plans name (default pt_<checkpoint file name>[_n<N>])")
     add_device_argument(p)
     p.add_argument("-np", "--num-processes", type=int, default=None, help="planning worker processes")
     p.add_argument("--seed", type=int, default=12345)
@@ -83,9 +83,10 @@ def run(args: argparse.Namespace) -> int:
         fail(f"dataset {result.dataset_name} has no labelsTr; fine-tuning needs labels (pretrain on it instead)")
 
     torch.manual_seed(args.seed)
-    trainer = make_trainer(nnPreFineTuneTrainer, args.dataset, result.plans_identifier, fold=args.fold,
-                           device=args.device, preset=args.preset, epochs=args.epochs, iterations=args.iterations)
     tag = args.tag or run_tag(args.pretrained, args.num_train_cases)
+    trainer = make_trainer(nnPreFineTuneTrainer, args.dataset, result.plans_identifier, fold=args.fold,
+                           device=args.device, preset=args.preset, epochs=args.epochs, iterations=args.iterations,
+                           variant=tag)
     trainer.configure_finetuning(pretrained=args.pretrained, num_train_cases=args.num_train_cases, tag=tag)
     trainer.run_training()
     if not args.no_validation:

@@ -3,7 +3,7 @@
 Usage::
 
     python examples/predict_challenge.py \\
-        -m RESULTS/Dataset016_Luna/nnPreDetectionTrainer__nnPreResEncLPlans__3d_fullres__scratch/fold_0 \\
+        -m RESULTS/Dataset016_Luna/nnPreDetectionTrainer__nnPreResEncLPlans_scratch__3d_fullres/fold_0 \\
         -i /data/luna16/test_scans -o luna_predictions
     python examples/predict_challenge.py -m MODEL_FOLD -i scans -o preds --csv submission.csv --min-score 0.1 \\
         --no-mirror

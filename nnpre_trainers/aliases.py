@@ -58,7 +58,8 @@ class nnPreDetectionTrainer(nnPreTrainer):
         Args:
             pretrained: checkpoint whose encoder is transferred (nnpre, nnssl or nnU-Net); ``None`` = scratch.
             num_train_cases: use only this many training cases of the fold (deterministic subset).
-            tag: run-folder suffix (default ``scratch`` / ``pt_<source>`` [+ ``_n<N>``]).
+            tag: plans variant of the run (default ``scratch`` / ``pt_<source>`` [+ ``_n<N>``]): run folder
+                ``nnPreDetectionTrainer__<plans>_<tag>__<config>`` (:meth:`nnPreTrainer.set_run_tag`).
             plan_anchors: fit anchor sizes to the training boxes (nnDetection does).
             **detector_overrides: :class:`~nnpre_detection.retina_unet.RetinaUNetConfig` fields.
         """

@@ -3,7 +3,7 @@
 Examples::
 
     nnPre_predict -i imagesTs -o preds \\
-        -m RESULTS/Dataset501_X/nnPreDetectionTrainer__nnPreResEncLPlans__3d_fullres__scratch/fold_0
+        -m RESULTS/Dataset501_X/nnPreDetectionTrainer__nnPreResEncLPlans_scratch__3d_fullres/fold_0
     nnPre_predict -i imagesTs -o preds -m MODEL_DIR --checkpoint checkpoint_best.pth --no-mirror --device cpu
     nnPre_predict -i imagesTs -o preds -m TRAINER_FOLDER -f 0 1 2 3 4    # fold ensemble (TRAINER_FOLDER/fold_*)
 

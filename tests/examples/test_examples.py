@@ -83,7 +83,7 @@ def test_pretrain_own_folder_then_finetune_from_nnssl(nnunet_root, tmp_path, cap
                           "--no-validation", *TINY]) == 0  # nnU-Net's validation alone takes ~25 s here
     out = capsys.readouterr().out
     ft_run = os.path.join(root, "nnUNet_results", "Dataset031_T",
-                          "nnPreFineTuneTrainer__nnPrePlans__mae_encoder__3d_fullres__pt_mae_encoder", "fold_all")
+                          "nnPreFineTuneTrainer__nnPrePlans_mae_encoder_pt_mae_encoder__3d_fullres", "fold_all")
     report = os.path.join(ft_run, "pretrained_transfer.json")
     rep = json.load(open(report))
     assert f"transfer report: {report} ({len(rep['loaded'])} keys loaded" in out
@@ -127,7 +127,7 @@ def test_detection_nndet_format_then_predict_challenge(nnunet_root, tmp_path, ca
     sem = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(raw, "labelsTr", "train_0000.nii.gz")))
     assert inst.max() >= 1 and np.array_equal(sem, (inst > 0).astype(np.uint8))  # class 0 -> label 1
     model = os.path.join(root, "nnUNet_results", "Dataset077_TinyLuna",
-                         "nnPreDetectionTrainer__nnPreResEncLPlans__3d_fullres__scratch", "fold_all")
+                         "nnPreDetectionTrainer__nnPreResEncLPlans_scratch__3d_fullres", "fold_all")
     assert f"model: {model}" in out
     ck = torch.load(os.path.join(model, "checkpoint_final.pth"), weights_only=True, map_location="cpu")
     assert ck["current_epoch"] == 1 and ck["nnpre_detection"]["num_classes"] == 1

@@ -218,8 +218,9 @@ def _finetune(run: Run, budget: StudyBudget, pretrained: Optional[str], images_t
     epochs, its = ((budget.finetune_epochs, budget.finetune_iterations) if seg
                    else (budget.detect_epochs, budget.detect_iterations))
     tag = f"{run.method}_n{run.labelled}_s{run.seed}"
+    # the run's plans variant <PLANS>_<tag> from the start: <Trainer>__<PLANS>_<tag>__3d_fullres (nnU-Net's scheme)
     t = make_trainer(nnPreFineTuneTrainer if seg else nnPreDetectionTrainer, LABELLED_ID, PLANS, fold="all",
-                     epochs=epochs, iterations=its)
+                     epochs=epochs, iterations=its, variant=tag)
     t.num_val_iterations_per_epoch = VAL_ITERATIONS
     t.save_every = max(1, epochs)
     if seg:

@@ -168,3 +168,26 @@ def test_same_seed_bit_identical_on_cpu(nnunet_root):
         sds.append({k: v.clone() for k, v in t.unwrapped_network.state_dict().items()})
         assert t.stages.switches == [(0, 0)]  # one stage, one optimizer
     assert all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
+
+
+def test_variant_chosen_in_make_trainer_creates_only_its_own_run_folder(nnunet_root):
+    """nnPre_train (and the study) build the trainer with the variant plans: the only run folder ever created
+    is nnU-Net's <Trainer>__<plans>_<variant>__<config> (nothing created then moved: no DDP race), and tagging
+    again with the same variant changes nothing; variants never stack and never contain '__'."""
+    from nnpre_testdata import write_raw_dataset
+
+    from nnpre_trainers.aliases import nnPreFineTuneTrainer
+    from nnpre_trainers.run import make_trainer
+    from nnpre_trainers.trainer import run_variant, variant_plans, variant_plans_name
+
+    write_raw_dataset(nnunet_root, did=46, n_cases=3)
+    plan_dataset(46, preset="cpu-tiny", num_processes=1)
+    variant = run_variant("/x/openmind__mae.pth", num_train_cases=2)
+    assert variant == "pt_openmind__mae_n2"
+    t = make_trainer(nnPreFineTuneTrainer, 46, "nnPreResEncLPlans", fold="all", device="cpu", variant=variant)
+    t.configure_finetuning(from_scratch=True, tag=variant)
+    results = os.path.join(os.environ["nnUNet_results"], "Dataset046_T")
+    assert os.listdir(results) == ["nnPreFineTuneTrainer__nnPreResEncLPlans_pt_openmind_mae_n2__3d_fullres"]
+    assert t.plans_manager.plans_name == "nnPreResEncLPlans_pt_openmind_mae_n2"
+    assert variant_plans(t.plans_manager.plans, "scratch")["plans_name"] == "nnPreResEncLPlans_scratch"  # no stacking
+    assert variant_plans_name("nnPrePlans__mae", "pt_mae") == "nnPrePlans_mae_pt_mae"  # nnU-Net splits on '__'

@@ -31,7 +31,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "--pretrained CKPT the default is the plans nnPre_plan --like CKPT wrote")
     p.add_argument("-c", "--configuration", default="3d_fullres")
     p.add_argument("-f", "--fold", default=None, help="fold (0-4) or 'all'")
-    p.add_argument("--preset", default=None, help="training length preset (default: the one in the plans)")
+    p.add_argument("--preset", default=None,
+                   help="training length and pretext-default preset (default: the one in the plans; --set wins "
+                        "over its pretext defaults)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--iterations", type=int, default=None, help="iterations per epoch")
     add_device_argument(p)

@@ -66,6 +66,9 @@ def make_trainer(trainer_class: Type, dataset: str | int, plans_name: str = "nnP
     data_folder = os.path.join(folder, plans["configurations"][configuration]["data_identifier"])
     if not os.path.isdir(data_folder):
         fail(f"{data_folder} is missing; run nnPre_plan -d {dataset} without --no-preprocess")
+    from nnpre.dataset_checks import verify_preprocessed
+
+    verify_preprocessed(data_folder, dataset, plans=plans, configuration=configuration)  # complete and current
     with open(os.path.join(folder, "dataset.json")) as f:
         dataset_json = json.load(f)
     if variant:

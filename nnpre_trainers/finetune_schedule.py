@@ -283,19 +283,6 @@ def pretrain_schedule(total_iterations: int, iterations_per_epoch: int, base_lr:
                             lr_step=max(1, int(iterations_per_epoch)))
 
 
-SCHEDULES = {
-    "dkfz": lambda total, **kw: default_schedule(total, pretrained=True, **kw),
-    "scratch": lambda total, **kw: default_schedule(total, pretrained=False, **kw),
-}
-
-
-def get_schedule(name: str, total_iterations: int, **overrides) -> FinetuneSchedule:
-    """Registry lookup: ``dkfz`` (pretrained default) or ``scratch``."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown fine-tuning schedule {name!r}; choose one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name](total_iterations, **overrides)
-
-
 # ---------------------------------------------------------------------------------------------- parameters
 def parameter_groups(network: nn.Module, remapped_stem: bool) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
     """Partition the network's parameters by name into :data:`GROUPS`.

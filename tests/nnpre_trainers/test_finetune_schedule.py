@@ -12,7 +12,6 @@ from nnpre_trainers.finetune_schedule import (
     Stage,
     apply_stage,
     default_schedule,
-    get_schedule,
     parameter_groups,
 )
 
@@ -64,9 +63,6 @@ def test_from_scratch_is_one_whole_network_stage_with_poly():
     assert len(s.stages) == 1 and s.base_lr == 1e-2 and s.boundaries() == [(0, 200)]
     assert s.lr_at(0) == pytest.approx(1e-2)
     assert s.lr_at(100) == pytest.approx(1e-2 * 0.5 ** 0.9)
-    assert get_schedule("scratch", 200) == s and get_schedule("dkfz", 200) == default_schedule(200)
-    with pytest.raises(ValueError, match="unknown fine-tuning schedule"):
-        get_schedule("nope", 10)
 
 
 def test_schedule_is_data_round_trip_and_validation():

@@ -179,7 +179,9 @@ def test_like_then_finetune_finds_its_plans(nnunet_root, tmp_path, capsys, ck_ch
     out = capsys.readouterr().out
     assert f"plans: {ident} (written for {ck})" in out
     runs = os.listdir(os.path.join(os.environ["nnUNet_results"], os.listdir(os.environ["nnUNet_results"])[0]))
-    run = [r for r in runs if f"__{ident}__3d_fullres" in r]
+    # the run's plans variant joins the --like plans name with one '_' (nnU-Net 2.8.1 splits folders on '__')
+    run = [r for r in runs if r.startswith(f"nnPreFineTuneTrainer__{ident.replace('__', '_')}_pt_")
+           and r.endswith("__3d_fullres")]
     assert len(run) == 1
     rep = json.load(open(os.path.join(os.environ["nnUNet_results"], os.listdir(os.environ["nnUNet_results"])[0],
                                       run[0], "fold_all", "pretrained_transfer.json")))

@@ -30,7 +30,7 @@ setup(
         "connected-components-3d",
         "scikit-learn",
     ],
-    extras_require={"test": ["pytest", "monai>=1.4", "ruff>=0.6"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "monai>=1.4", "ruff>=0.6"]},
     entry_points={
         "console_scripts": [
             "nnPre_synth=nnpre.cli.synth:main",

@@ -24,7 +24,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -343,16 +343,23 @@ def verify_preprocessed(data_folder: str, dataset: str | int = "DATASET", plans:
     return sorted(have)
 
 
+def read_splits(splits_file: str) -> Tuple[list, set]:
+    """``(folds, every case id any fold names)`` of an nnU-Net ``splits_final.json``.
+
+    Raises ``OSError``, ``ValueError``, ``KeyError`` or ``TypeError`` on an unreadable or malformed file (the
+    caller words the error for its context).
+    """
+    with open(splits_file, encoding="utf-8") as f:
+        splits = json.load(f)
+    return splits, {c for s in splits for part in ("train", "val") for c in s[part]}
+
+
 def _splits_mismatch(splits_file: str, cases: set) -> Optional[str]:
     """None if ``splits_file`` is absent or uses exactly ``cases``, else a description of the difference."""
     if not os.path.isfile(splits_file):
         return None
     try:
-        with open(splits_file, encoding="utf-8") as f:
-            splits = json.load(f)
-        named = set()
-        for s in splits:
-            named |= set(s["train"]) | set(s["val"])
+        _, named = read_splits(splits_file)
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"is unreadable ({type(e).__name__}: {e})"
     unknown, unused = sorted(named - cases), sorted(cases - named)

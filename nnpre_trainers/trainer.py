@@ -484,7 +484,9 @@ class nnPreTrainer(nnUNetTrainer):
         """One-line errors instead of nnU-Net's silent fallbacks: a fold the split does not have (nnU-Net would
         train on a random 80:20 split), too few cases for a 5-fold split (sklearn error), a ``splits_final.json``
         that does not match the preprocessed cases (a case silently never trained on, or a missing case)."""
-        from batchgenerators.utilities.file_and_folder_operations import isfile, load_json
+        from batchgenerators.utilities.file_and_folder_operations import isfile
+
+        from nnpre.dataset_checks import read_splits
 
         ids = set(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
         dataset = os.path.basename(self.preprocessed_dataset_folder_base)
@@ -499,9 +501,8 @@ class nnPreTrainer(nnUNetTrainer):
                      f"cases; train with -f all, or write {splits_file} with your own split")
             return
         try:
-            splits = load_json(splits_file)
-            named = {c for sp in splits for part in ("train", "val") for c in sp[part]}
-        except (ValueError, KeyError, TypeError) as e:
+            splits, named = read_splits(splits_file)
+        except (OSError, ValueError, KeyError, TypeError) as e:
             fail(f"{splits_file} is not a list of {{'train': [...], 'val': [...]}} folds ({e}); fix or delete it "
                  f"(nnU-Net then writes a new 5-fold split)")
         if not 0 <= fold < len(splits):

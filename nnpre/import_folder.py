@@ -226,6 +226,19 @@ def import_image_folder(src: str, raw_root: str, dataset_id: int, name: Optional
     channel_names = {str(i): str(n) for i, n in enumerate(names)}
     manifest = {"source": src, "channel_names": channel_names,
                 "cases": {k: [os.path.basename(f) for f in v] for k, v in cases.items()}}
+    return write_image_pool(raw_root, dataset_id, folder_name, name, f"image-only pretraining pool imported from {src}",
+                            cases, out_ending, channel_names, manifest, link)
+
+
+def write_image_pool(raw_root: str, dataset_id: int, folder_name: str, name: str, description: str,
+                     cases: Dict[str, List[str]], out_ending: str, channel_names: Dict[str, str], manifest: dict,
+                     link: bool = True) -> str:
+    """Write the image-only raw dataset ``raw_root/folder_name`` (staged, then renamed into place).
+
+    ``cases`` maps each case id to its image files, one per channel; files already in ``out_ending`` are linked
+    (or copied, ``link=False``), others converted. When a dataset with ``dataset_id`` recorded the same
+    ``manifest`` it is returned as it is (:func:`existing_dataset`). Returns the dataset folder.
+    """
     done = existing_dataset(raw_root, dataset_id, folder_name, manifest)
     if done:
         return done
@@ -236,12 +249,11 @@ def import_image_folder(src: str, raw_root: str, dataset_id: int, name: Optional
         for case, files in cases.items():
             for c, f in enumerate(files):
                 dst = os.path.join(images, f"{case}_{c:04d}{out_ending}")
-                if out_ending == ending:
+                if image_ending(f) == out_ending:
                     place_file(f, dst, link)
                 else:
                     _convert(f, dst)
-        write_json({"name": name, "description": f"image-only pretraining pool imported from {src}",
-                    "channel_names": channel_names, "labels": {"background": 0}, "numTraining": len(cases),
-                    "file_ending": out_ending, "nnpre_unlabeled": True, "nnpre_import": manifest},
-                   os.path.join(tmp, "dataset.json"))
+        write_json({"name": name, "description": description, "channel_names": channel_names,
+                    "labels": {"background": 0}, "numTraining": len(cases), "file_ending": out_ending,
+                    "nnpre_unlabeled": True, "nnpre_import": manifest}, os.path.join(tmp, "dataset.json"))
     return final

@@ -23,18 +23,8 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence
 
-from nnpre.atomic import write_json
 from nnpre.errors import fail
-from nnpre.import_folder import (
-    NATIVE_ENDINGS,
-    _convert,
-    check_dataset_id_and_name,
-    existing_dataset,
-    image_ending,
-    place_file,
-    read_header,
-    staging_folder,
-)
+from nnpre.import_folder import NATIVE_ENDINGS, check_dataset_id_and_name, image_ending, read_header, write_image_pool
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -125,21 +115,6 @@ def import_nnssl_collection(json_path: str, raw_root: str, dataset_id: int, name
     channel_names = {"0": mods[0] if len(mods) == 1 else "image"}
     manifest = {"source": json_path, "channel_names": channel_names,
                 "cases": {k: os.path.basename(v["path"]) for k, v in cases.items()}}
-    done = existing_dataset(raw_root, dataset_id, folder_name, manifest, key="nnpre_import")
-    if done:
-        return done
-    final = os.path.join(raw_root, folder_name)
-    with staging_folder(final) as tmp:
-        images = os.path.join(tmp, "imagesTr")
-        os.makedirs(images)
-        for case, c in cases.items():
-            dst = os.path.join(images, f"{case}_0000{out_ending}")
-            if image_ending(c["path"]) == out_ending:
-                place_file(c["path"], dst, link)
-            else:
-                _convert(c["path"], dst)
-        write_json({"name": name, "description": f"image-only pretraining pool from the nnssl collection {json_path}",
-                    "channel_names": channel_names, "labels": {"background": 0}, "numTraining": len(cases),
-                    "file_ending": out_ending, "nnpre_unlabeled": True, "nnpre_import": manifest},
-                   os.path.join(tmp, "dataset.json"))
-    return final
+    return write_image_pool(raw_root, dataset_id, folder_name, name,
+                            f"image-only pretraining pool from the nnssl collection {json_path}",
+                            {k: [v["path"]] for k, v in cases.items()}, out_ending, channel_names, manifest, link)

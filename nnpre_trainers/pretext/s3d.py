@@ -129,37 +129,28 @@ class SparseMaskContext:
         return m.to(x.dtype)
 
 
-class SparseConv3d(nn.Conv3d):
+class _MaskedOutput:
+    """Mixin for a layer class: its output times the context's mask at the output's resolution (unchanged
+    while the context holds no mask)."""
+
+    nnpre_sparse_ctx: SparseMaskContext
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        m = self.nnpre_sparse_ctx.at(y)
+        return y if m is None else y * m
+
+
+class SparseConv3d(_MaskedOutput, nn.Conv3d):
     """``nn.Conv3d`` whose output is zero at masked positions while its context holds a mask."""
 
-    nnpre_sparse_ctx: SparseMaskContext
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x)
-        m = self.nnpre_sparse_ctx.at(y)
-        return y if m is None else y * m
-
-
-class SparseAvgPool3d(nn.AvgPool3d):
+class SparseAvgPool3d(_MaskedOutput, nn.AvgPool3d):
     """``nn.AvgPool3d`` with masked output (nnssl ``SparseAvgPooling``)."""
 
-    nnpre_sparse_ctx: SparseMaskContext
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x)
-        m = self.nnpre_sparse_ctx.at(y)
-        return y if m is None else y * m
-
-
-class SparseMaxPool3d(nn.MaxPool3d):
+class SparseMaxPool3d(_MaskedOutput, nn.MaxPool3d):
     """``nn.MaxPool3d`` with masked output (nnssl ``SparseMaxPooling``)."""
-
-    nnpre_sparse_ctx: SparseMaskContext
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x)
-        m = self.nnpre_sparse_ctx.at(y)
-        return y if m is None else y * m
 
 
 def sparse_instance_norm(x: Tensor, m: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

@@ -36,3 +36,18 @@ def write_raw_dataset(root, did=1, n_cases=3, channels=1, labelled=True, shape=(
     return d
 
 
+def write_pretrained_checkpoint(plans, path, num_input_channels=1):
+    """A checkpoint in nnpre format standing in for a pretraining run: the plans' U-Net (1 output channel,
+    seed 1) + adaptation plan. Returns clones of its ``encoder.*`` tensors."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from nnpre.adaptation_plan import from_nnunet_plans
+
+    a = plans["configurations"]["3d_fullres"]["architecture"]
+    torch.manual_seed(1)
+    net = get_network_from_plans(a["network_class_name"], a["arch_kwargs"], a["_kw_requires_import"],
+                                 num_input_channels, 1, allow_init=True, deep_supervision=False)
+    plan = from_nnunet_plans(plans, "3d_fullres", num_input_channels, pretext="mae", pretext_config={})
+    torch.save({"network_weights": net.state_dict(), "nnssl_adaptation_plan": plan.to_dict()}, path)
+    return {k: v.clone() for k, v in net.state_dict().items() if k.startswith("encoder.")}

@@ -8,23 +8,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from nnpre_testdata import write_pretrained_checkpoint
 
 from planners.pipeline import plan_dataset
-
-
-def _pretrained_checkpoint(plans, path):
-    """An nnpre-format checkpoint of the plans' U-Net (1 output) with an adaptation plan; returns its encoder."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-    from nnpre.adaptation_plan import from_nnunet_plans
-
-    a = plans["configurations"]["3d_fullres"]["architecture"]
-    torch.manual_seed(1)
-    net = get_network_from_plans(a["network_class_name"], a["arch_kwargs"], a["_kw_requires_import"], 1, 1,
-                                 allow_init=True, deep_supervision=False)
-    plan = from_nnunet_plans(plans, "3d_fullres", 1, pretext="mae", pretext_config={})
-    torch.save({"network_weights": net.state_dict(), "nnssl_adaptation_plan": plan.to_dict()}, path)
-    return {k: v.clone() for k, v in net.state_dict().items() if k.startswith("encoder.")}
 
 
 def _plain_network(plans, num_outputs=2):
@@ -63,7 +49,7 @@ def test_lora_finetune_cli_resume_export_and_stock_predictor(nnunet_root, tmp_pa
     write_raw_dataset(nnunet_root, did=43, n_cases=3)
     r = plan_dataset(43, preset="cpu-tiny", num_processes=1)
     ckpt = str(tmp_path / "pre.pth")
-    enc0 = _pretrained_checkpoint(r.plans, ckpt)
+    enc0 = write_pretrained_checkpoint(r.plans, ckpt)
     base = ["finetune", "-d", "43", "-f", "all", "--pretrained", ckpt, "--device", "cpu", "--iterations", "3",
             "--no-validation", "--adapter", "lora", "--lora-rank", "2", "--lora-alpha", "4"]
     assert _run(train_main, base + ["--epochs", "2"]) == 0
@@ -142,7 +128,7 @@ def test_probe_finetune_trains_heads_only(nnunet_root, tmp_path):
     write_raw_dataset(nnunet_root, did=44, n_cases=3)
     r = plan_dataset(44, preset="cpu-tiny", num_processes=1)
     ckpt = str(tmp_path / "pre.pth")
-    enc0 = _pretrained_checkpoint(r.plans, ckpt)
+    enc0 = write_pretrained_checkpoint(r.plans, ckpt)
     t = make_trainer(nnPreFineTuneTrainer, 44, "nnPreResEncLPlans", fold="all", device="cpu", epochs=2, iterations=3)
     t.num_val_iterations_per_epoch = 1
     t.show_progress = False
@@ -179,7 +165,7 @@ def test_lora_detection_encoder_frozen_and_merged_export_predicts(nnunet_root, t
     raw = write_raw_dataset(nnunet_root, did=45, n_cases=3)
     r = plan_dataset(45, preset="cpu-tiny", num_processes=1)
     ckpt = str(tmp_path / "pre.pth")
-    enc0 = _pretrained_checkpoint(r.plans, ckpt)
+    enc0 = write_pretrained_checkpoint(r.plans, ckpt)
     t = make_trainer(nnPreDetectionTrainer, 45, "nnPreResEncLPlans", fold="all", device="cpu", epochs=2, iterations=3)
     t.num_val_iterations_per_epoch = 1
     t.show_progress = False

@@ -4,23 +4,9 @@ import os
 
 import pytest
 import torch
+from nnpre_testdata import write_pretrained_checkpoint
 
 from planners.pipeline import plan_dataset
-
-
-def _pretrained_checkpoint(trainer_plans, path, num_input_channels=1):
-    """A checkpoint in nnpre format: the plans' U-Net (1 output channel) + adaptation plan."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-    from nnpre.adaptation_plan import from_nnunet_plans
-
-    a = trainer_plans["configurations"]["3d_fullres"]["architecture"]
-    torch.manual_seed(1)
-    net = get_network_from_plans(a["network_class_name"], a["arch_kwargs"], a["_kw_requires_import"],
-                                 num_input_channels, 1, allow_init=True, deep_supervision=False)
-    plan = from_nnunet_plans(trainer_plans, "3d_fullres", num_input_channels, pretext="mae", pretext_config={})
-    torch.save({"network_weights": net.state_dict(), "nnssl_adaptation_plan": plan.to_dict()}, path)
-    return {k: v.clone() for k, v in net.state_dict().items() if k.startswith("encoder.")}
 
 
 def _make(trainer_cls, did, continue_training=False):
@@ -48,7 +34,7 @@ def test_finetune_stages_and_resume(nnunet_root, tmp_path):
     write_raw_dataset(nnunet_root, did=41, n_cases=3)
     r = plan_dataset(41, preset="cpu-tiny", num_processes=1)
     ckpt = str(tmp_path / "pre.pth")
-    enc0 = _pretrained_checkpoint(r.plans, ckpt)
+    enc0 = write_pretrained_checkpoint(r.plans, ckpt)
 
     # stage 0 = first 25 % of 20 iterations = epoch 0 exactly (the default is 5 %; same code path)
     sched = default_schedule(20, pretrained=True, warmup_fraction=0.25)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import torch
+from nnpre_testdata import write_pretrained_checkpoint
 
 from planners.pipeline import plan_dataset
 
@@ -40,20 +41,6 @@ def test_stock_preprocess_and_trainer_run_on_our_plans(nnunet_root):
     assert tuple(t.configuration_manager.patch_size) == (32, 32, 32)
 
 
-def _pretrained_checkpoint(plans, path):
-    """An nnpre-format checkpoint (plans' U-Net, adaptation plan) standing in for a pretraining run."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-    from nnpre.adaptation_plan import from_nnunet_plans
-
-    a = plans["configurations"]["3d_fullres"]["architecture"]
-    torch.manual_seed(1)
-    net = get_network_from_plans(a["network_class_name"], a["arch_kwargs"], a["_kw_requires_import"], 1, 1,
-                                 allow_init=True, deep_supervision=False)
-    plan = from_nnunet_plans(plans, "3d_fullres", 1, pretext="mae", pretext_config={})
-    torch.save({"network_weights": net.state_dict(), "nnssl_adaptation_plan": plan.to_dict()}, path)
-
-
 def _stock(cmd, *args):
     """Run a stock nnU-Net console command of this environment (nnUNet_extTrainer finds nnpre's trainers)."""
     import nnpre_trainers
@@ -80,7 +67,7 @@ def test_stock_predict_and_find_best_configuration_find_our_runs(nnunet_root, tm
     raw = write_raw_dataset(nnunet_root, did=23, n_cases=5)
     r = plan_dataset(23, preset="cpu-tiny", num_processes=1)
     ckpt = str(tmp_path / "mae.pth")
-    _pretrained_checkpoint(r.plans, ckpt)
+    write_pretrained_checkpoint(r.plans, ckpt)
     short = ["-d", "23", "-f", "0", "--epochs", "1", "--iterations", "2", "-device", "cpu"]
     assert train_main(["finetune", "--from-scratch", *short]) == 0
     assert train_main(["finetune", "--pretrained", ckpt, *short]) == 0

@@ -5,11 +5,15 @@
 3. pretraining with each pretext method on the pool (default MAE, Model Genesis, diffusion; ``--methods all``:
    every registered task);
 4. segmentation (nnU-Net) and detection (Retina U-Net) fine-tuning from each checkpoint and from scratch
-   (5 % decoder-only warm-up for the pretrained runs) for each labelled-set size and seed;
+   (5 % decoder-only warm-up for the pretrained runs) for each labelled-set size and seed; ``--adapters
+   full,lora,probe-linear`` fine-tunes each checkpoint once per adapter (``nnpre_trainers.adapters``; default
+   ``full`` only; scratch always trains fully; adapters that cannot train a Retina U-Net, probe-mlp, get
+   segmentation arms only, with a printed note);
 5. evaluation on the test set: Dice (nnU-Net's evaluation), detection metrics (FROC, AP@IoU 0.1,
    nnDetection definitions) of the Retina U-Net boxes and of the connected components of each segmentation;
-6. a report folder: ``report.md`` (method × labelled cases, mean ± std over seeds), ``results.json``,
-   PNG plots (metric vs labelled cases, pretraining loss curves and previews, FROC curves).
+6. a report folder: ``report.md`` (arm × labelled cases, mean ± std over seeds; with adapters also each arm's
+   trainable parameters and the comparison with full fine-tuning), ``results.json``, PNG plots (metric vs
+   labelled cases, pretraining loss curves and previews, FROC curves).
 
 Every stage writes a marker when it completes; rerunning skips finished stages and redoes unfinished ones.
 The ``cpu-tiny`` preset (default) fits in about 15 minutes on 2 CPU cores; ``--preset gpu`` uses the faithful
@@ -23,7 +27,7 @@ import argparse
 import os
 
 from nnpre.cli._common import ArgumentParser, cli_entry
-from nnpre.study.grid import BUDGETS, DEFAULT_LABELLED, DEFAULT_METHODS
+from nnpre.study.grid import BUDGETS, DEFAULT_ADAPTERS, DEFAULT_LABELLED, DEFAULT_METHODS
 
 #: budget fields that have a command-line override of the same name
 _OVERRIDES = ("pretrain_iterations", "pretrain_epochs", "finetune_iterations", "finetune_epochs", "n_train",
@@ -41,8 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labelled-set sizes, comma separated (default %(default)s)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="pretext tasks, comma separated, or 'all' for every registered task (default %(default)s)")
+    p.add_argument("--adapters", default=",".join(DEFAULT_ADAPTERS), metavar="NAMES",
+                   help="how each pretrained checkpoint is fine-tuned, comma separated: one arm per adapter of "
+                        "nnpre_trainers.adapters (full, lora, molre, probe-linear, probe-mlp; default options as "
+                        "nnPre_train --adapter); default %(default)s = full fine-tuning only")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the grid, the iterations per run and the estimated time, then exit")
+                   help="print the grid, the arms, the iterations per run and the estimated time, then exit")
     p.add_argument("--pretrain-iterations", type=int, default=None, help="override: iterations per epoch")
     p.add_argument("--pretrain-epochs", type=int, default=None)
     p.add_argument("--finetune-iterations", type=int, default=None)
@@ -59,11 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     """:class:`nnpre.study.StudyConfig` from parsed arguments (bad values → one-line error)."""
-    from nnpre.study import StudyConfig, StudyGrid, parse_labelled, parse_methods
+    from nnpre.study import StudyConfig, StudyGrid, parse_adapters, parse_labelled, parse_methods
 
     budget = BUDGETS[args.preset].with_overrides(**{k: getattr(args, k) for k in _OVERRIDES})
     sizes = parse_labelled(args.labelled, budget.n_train)
-    grid = StudyGrid(methods=parse_methods(args.methods), labelled=sizes, seeds=args.seeds)
+    grid = StudyGrid(methods=parse_methods(args.methods), labelled=sizes, seeds=args.seeds,
+                     adapters=parse_adapters(args.adapters))
     return StudyConfig(out=os.path.abspath(args.out), preset=args.preset, budget=budget, grid=grid)
 
 

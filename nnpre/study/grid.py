@@ -1,10 +1,17 @@
-"""The study grid as data: methods × labelled-set sizes × seeds, training lengths per preset, a time estimate.
+"""The study grid as data: methods × adapters × labelled-set sizes × seeds, training lengths per preset, a time
+estimate.
 
 A *study* pretrains one encoder per pretext method on an unlabelled pool, then fine-tunes every checkpoint
 (and a from-scratch baseline) for segmentation (nnU-Net) and detection (Retina U-Net) on labelled subsets of
 several sizes, one run per seed, and evaluates each run on a held-out test set. :class:`StudyGrid` lists the
 runs, :class:`StudyBudget` holds the lengths, :func:`estimate` predicts the time from stated step times
 (:data:`STEP_TIMES`).
+
+Each pretrained checkpoint is fine-tuned once per *adapter* of the grid (``nnpre_trainers.adapters``: ``full``
+fine-tuning, ``lora``, ``molre``, ``probe-linear``, ``probe-mlp``); such a (method, adapter) pair is an *arm*,
+labelled ``mae`` for full fine-tuning and ``mae+lora`` otherwise. Scratch always trains fully (an adapter on a
+random encoder has nothing to adapt). The default ``adapters=("full",)`` is the study before adapters existed:
+same runs, stage names and run folders.
 
 Method names are the pretext registry's (``nnpre_trainers.pretext.registry.list_pretexts()``) in their short
 form (``nnpre_trainers.aliases.short_name``: ``model_genesis`` is ``mg``, as in run folders, stage records and
@@ -32,6 +39,14 @@ PRETRAIN_SEED = 12345
 FINETUNE_SEED_BASE = 100
 #: Validation iterations per epoch in every study run (nnU-Net: 50; the study only logs the loss).
 VAL_ITERATIONS = 2
+#: Default adapters: full fine-tuning only (the study before adapters).
+DEFAULT_ADAPTERS: Tuple[str, ...] = ("full",)
+#: Adapters that cannot train a Retina U-Net, with the reason: their detection arms are skipped with a note
+#: (``nnpre_trainers/adapters/probe.py`` refuses probe-mlp on detectors: the UFPN decoder is already a linear
+#: probe of the encoder features, which probe-linear trains).
+DETECTION_UNSUPPORTED: Dict[str, str] = {
+    "probe-mlp": "the Retina U-Net's UFPN decoder is already a linear probe of the encoder (use probe-linear)",
+}
 
 
 def registry_name(method: str) -> str:
@@ -73,6 +88,35 @@ def parse_methods(spec: str) -> Tuple[str, ...]:
     if not methods:
         fail("--methods is empty; name at least one pretext task (or 'all')")
     return tuple(methods)
+
+
+def parse_adapters(spec: str) -> Tuple[str, ...]:
+    """``"full,lora"`` → adapter names of ``nnpre_trainers.adapters`` (order kept, duplicates dropped); unknown
+    or empty → one-line error listing the registered adapters."""
+    from nnpre_trainers.adapters import list_adapters
+
+    known = list_adapters()
+    names: List[str] = []
+    for a in (s.strip() for s in str(spec).split(",")):
+        if a and a not in names:
+            names.append(a)
+    unknown = [a for a in names if a not in known]
+    if unknown:
+        fail(f"unknown adapter(s) {unknown}; choose from {', '.join(known)} (comma separated, e.g. full,lora)")
+    if not names:
+        fail(f"--adapters is empty; name at least one of {', '.join(known)}")
+    return tuple(names)
+
+
+def detection_skip_reason(adapter: str) -> Optional[str]:
+    """Why ``adapter`` gets no detection arm (None: it can train a Retina U-Net); see
+    :data:`DETECTION_UNSUPPORTED`."""
+    return DETECTION_UNSUPPORTED.get(adapter)
+
+
+def arm_label(method: str, adapter: str = "full") -> str:
+    """Table / legend label of an arm: ``mae`` (full fine-tuning, and scratch) or ``mae+lora``."""
+    return method if adapter == "full" else f"{method}+{adapter}"
 
 
 def parse_labelled(spec: str, n_train: int) -> Tuple[int, ...]:
@@ -136,17 +180,30 @@ BUDGETS: Dict[str, StudyBudget] = {
 @dataclass(frozen=True)
 class Run:
     """One fine-tuning run of the grid: ``task`` (seg/det), ``method`` (``scratch`` or a pretext), labelled-set
-    size and seed index."""
+    size, seed index and ``adapter`` (``nnpre_trainers.adapters`` name; ``full`` = every parameter trains)."""
 
     task: str
     method: str
     labelled: int
     seed: int
+    adapter: str = "full"
+
+    @property
+    def tag(self) -> str:
+        """Plans variant of the run folder (``<Trainer>__nnPreResEncLPlans_<tag>__3d_fullres``), e.g.
+        ``mae_n2_s0``; non-full adapters append ``_<adapter>`` (``mae_n2_s0_lora``) so folders never collide."""
+        suffix = "" if self.adapter == "full" else f"_{self.adapter}"
+        return f"{self.method}_n{self.labelled}_s{self.seed}{suffix}"
 
     @property
     def name(self) -> str:
-        """Stage / record name, e.g. ``seg_mae_n2_s0``."""
-        return f"{self.task}_{self.method}_n{self.labelled}_s{self.seed}"
+        """Stage / record name, e.g. ``seg_mae_n2_s0`` or ``seg_mae_n2_s0_lora``."""
+        return f"{self.task}_{self.tag}"
+
+    @property
+    def arm(self) -> str:
+        """Row label in the report (:func:`arm_label`): ``scratch``, ``mae``, ``mae+lora``."""
+        return arm_label(self.method, self.adapter)
 
     @property
     def init_seed(self) -> int:
@@ -157,26 +214,53 @@ class Run:
 @dataclass(frozen=True)
 class StudyGrid:
     """Which runs a study makes: pretext ``methods`` (study names), ``labelled`` sizes, ``seeds`` per
-    configuration and fine-tuning ``tasks``."""
+    configuration, fine-tuning ``tasks`` and the ``adapters`` each pretrained method is fine-tuned with
+    (registry names, see the module doc; unknown names stop with one line)."""
 
     methods: Tuple[str, ...] = DEFAULT_METHODS
     labelled: Tuple[int, ...] = DEFAULT_LABELLED
     seeds: int = 1
     tasks: Tuple[str, ...] = TASKS
+    adapters: Tuple[str, ...] = DEFAULT_ADAPTERS
 
     def __post_init__(self):
         if self.seeds < 1:
             fail("--seeds must be >= 1")
+        if tuple(self.adapters) != DEFAULT_ADAPTERS:
+            object.__setattr__(self, "adapters", parse_adapters(",".join(self.adapters)))
 
     @property
     def all_methods(self) -> List[str]:
         """``scratch`` followed by the pretext methods."""
         return ["scratch", *self.methods]
 
+    def arms(self, task: str) -> List[Tuple[str, str]]:
+        """(method, adapter) pairs trained for ``task``: scratch (full), then each method with each adapter
+        (adapters without detection support are left out of ``det``)."""
+        pairs = [("scratch", "full")]
+        for m in self.methods:
+            pairs += [(m, a) for a in self.adapters if task != "det" or detection_skip_reason(a) is None]
+        return pairs
+
+    def arm_labels(self, task: str) -> List[str]:
+        """Report rows of ``task`` (:func:`arm_label`), e.g. ``["scratch", "mae", "mae+lora"]``."""
+        return [arm_label(m, a) for m, a in self.arms(task)]
+
+    def skipped(self) -> List[str]:
+        """One note per adapter whose arms a task leaves out (printed by ``nnPre_demo`` and ``--dry-run``)."""
+        notes = []
+        if "det" in self.tasks and self.methods:
+            for a in self.adapters:
+                why = detection_skip_reason(a)
+                if why is not None:
+                    notes.append(f"note: no detection arms for adapter {a}: {why}")
+        return notes
+
     def runs(self) -> List[Run]:
-        """Fine-tuning runs in execution order: task, labelled size, seed, then method (scratch first)."""
-        return [Run(t, m, n, s) for t in self.tasks for n in self.labelled for s in range(self.seeds)
-                for m in self.all_methods]
+        """Fine-tuning runs in execution order: task, labelled size, seed, then arm (scratch first, then each
+        method with each adapter in the given order)."""
+        return [Run(t, m, n, s, a) for t in self.tasks for n in self.labelled for s in range(self.seeds)
+                for m, a in self.arms(t)]
 
 
 @dataclass(frozen=True)
@@ -267,8 +351,17 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 60.0:.1f} min"
 
 
+def _per_adapter(runs: List[Run]) -> str:
+    """``"scratch 2, full 4, lora 4"``: how many of ``runs`` each arm kind has."""
+    counts: Dict[str, int] = {}
+    for r in runs:
+        k = "scratch" if r.method == "scratch" else r.adapter
+        counts[k] = counts.get(k, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
 def describe(grid: StudyGrid, budget: StudyBudget, preset: str, times: Optional[StepTimes] = None) -> str:
-    """Human-readable grid, iterations per run and estimated time (what ``nnPre_demo --dry-run`` prints)."""
+    """Human-readable grid, arms, iterations per run and estimated time (what ``nnPre_demo --dry-run`` prints)."""
     times = times or STEP_TIMES[preset]
     est = estimate(grid, budget, times)
     runs = grid.runs()
@@ -278,15 +371,21 @@ def describe(grid: StudyGrid, budget: StudyBudget, preset: str, times: Optional[
         f"nnPre study, preset '{preset}'",
         f"  methods: {', '.join(grid.methods)} (+ scratch); labelled sizes: "
         f"{', '.join(map(str, grid.labelled))}; seeds: {grid.seeds}",
+        f"  adapters: {', '.join(grid.adapters)} (one arm per pretrained method and adapter; scratch trains fully)",
         f"  data: {budget.n_train} labelled, {budget.n_test} test, {budget.n_pool} pool cases, "
         f"difficulty '{budget.difficulty}'",
         f"  pretraining: {len(grid.methods)} run(s) x {budget.pretrain_epochs}x{budget.pretrain_iterations} = "
         f"{pre_it} iterations",
     ]
+    several = tuple(grid.adapters) != DEFAULT_ADAPTERS
     for t, label, e, i in (("seg", "segmentation", budget.finetune_epochs, budget.finetune_iterations),
                            ("det", "detection", budget.detect_epochs, budget.detect_iterations)):
         if t in per_task:
-            lines.append(f"  {label} fine-tuning: {len(per_task[t])} run(s) x {e}x{i} = {e * i} iterations")
+            lines.append(f"  {label} fine-tuning: {len(per_task[t])} run(s) x {e}x{i} = {e * i} iterations"
+                         + (f" ({_per_adapter(per_task[t])})" if several else ""))
+            if several:
+                lines.append(f"    arms: {', '.join(grid.arm_labels(t))}")
+    lines += [f"  {n}" for n in grid.skipped()]
     secs = est.seconds
     pre_s = sum(v for k, v in secs.items() if k.startswith("pretrain_"))
     lines += [
@@ -294,9 +393,14 @@ def describe(grid: StudyGrid, budget: StudyBudget, preset: str, times: Optional[
         f"{format_duration(est.total_s)}",
         f"    pretraining {format_duration(pre_s)}, "
         + ", ".join(f"{t} {format_duration(sum(secs[r.name] for r in per_task[t]))}" for t in grid.tasks),
+    ]
+    if several:
+        adapter_s = sum(secs[r.name] for r in runs if r.method != "scratch" and r.adapter != "full")
+        lines.append(f"    of which adapter arms (not full, not scratch): {format_duration(adapter_s)}")
+    lines.append(
         f"  assumptions: {times.source}; pretraining step = {times.pretrain_ratio:g}x, detection step = "
         f"{times.detect_ratio:g}x a segmentation step; validation iteration = {times.val_ratio:.2f}x; "
-        f"{times.eval_per_case:g} step(s) per test case",
-    ]
+        f"{times.eval_per_case:g} step(s) per test case"
+        + ("; an adapter arm step = a full fine-tuning step (an upper bound for the probes, which skip the "
+           "encoder's backward pass)" if several else ""))
     return "\n".join(lines)
-

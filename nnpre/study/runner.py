@@ -9,6 +9,10 @@ streams from them without touching the global generators: pretraining uses
 :data:`~nnpre.study.grid.PRETRAIN_SEED`, fine-tuning run ``s`` :attr:`~nnpre.study.grid.Run.init_seed`
 (``100 + s``). The study seeds no global RNG.
 
+Each fine-tuning run gets its adapter from the registry (``nnpre_trainers.adapters.get_adapter``), ``full``
+included, as ``nnPre_train`` does; the trainer writes the parameter counts to ``<run folder>/adapter.json``,
+which the stage record copies (``params``) for the report.
+
 Determinism: for a fixed seed and number of data-loader workers a run is reproducible up to floating-point
 non-determinism of the device (CPU convolutions are deterministic; cuDNN's are not unless configured so).
 """
@@ -210,24 +214,40 @@ def _pretrain(method: str, budget: StudyBudget) -> dict:
             "folder": t.output_folder}
 
 
+def adapter_params(folder: str) -> Optional[dict]:
+    """Parameter counts of a fine-tuning run from the ``adapter.json`` its trainer wrote (``Adapter.describe``:
+    trainable, frozen, total, added, shares, options), or None if the run has none."""
+    p = os.path.join(folder, "adapter.json")
+    if not os.path.isfile(p):
+        return None
+    with open(p, encoding="utf-8") as f:
+        d = json.load(f)
+    return {k: d.get(k) for k in ("adapter", "options", "trainable", "total", "trainable_share", "added",
+                                  "added_share")}
+
+
 def _finetune(run: Run, budget: StudyBudget, pretrained: Optional[str], images_ts: str, labels_ts: str) -> dict:
+    from nnpre_trainers.adapters import get_adapter
     from nnpre_trainers.aliases import nnPreDetectionTrainer, nnPreFineTuneTrainer
     from nnpre_trainers.run import make_trainer
 
     seg = run.task == "seg"
     epochs, its = ((budget.finetune_epochs, budget.finetune_iterations) if seg
                    else (budget.detect_epochs, budget.detect_iterations))
-    tag = f"{run.method}_n{run.labelled}_s{run.seed}"
-    # the run's plans variant <PLANS>_<tag> from the start: <Trainer>__<PLANS>_<tag>__3d_fullres (nnU-Net's scheme)
+    # the run's plans variant <PLANS>_<tag> from the start: <Trainer>__<PLANS>_<tag>__3d_fullres (nnU-Net's scheme);
+    # tag mae_n2_s0 (full fine-tuning, as before adapters) or mae_n2_s0_lora
     t = make_trainer(nnPreFineTuneTrainer if seg else nnPreDetectionTrainer, LABELLED_ID, PLANS, fold="all",
-                     epochs=epochs, iterations=its, variant=tag)
+                     epochs=epochs, iterations=its, variant=run.tag)
     t.num_val_iterations_per_epoch = VAL_ITERATIONS
     t.save_every = max(1, epochs)
+    # the adapter object as nnPre_train passes it (full = every parameter trains, as without one; it also
+    # writes adapter.json with the parameter counts)
+    adapter = get_adapter(run.adapter)
     if seg:
         t.configure_finetuning(pretrained=pretrained, from_scratch=pretrained is None,
-                               num_train_cases=run.labelled, tag=tag)
+                               num_train_cases=run.labelled, tag=run.tag, adapter=adapter)
     else:
-        t.configure_detection(pretrained=pretrained, num_train_cases=run.labelled, tag=tag)
+        t.configure_detection(pretrained=pretrained, num_train_cases=run.labelled, tag=run.tag, adapter=adapter)
     t.compose(seed=run.init_seed)
     t.run_training()
     test_dir = os.path.join(t.output_folder, "test")
@@ -235,7 +255,9 @@ def _finetune(run: Run, budget: StudyBudget, pretrained: Optional[str], images_t
     metrics = evaluate(t, images_ts, labels_ts, test_dir)
     return {"files": [os.path.join(t.output_folder, "checkpoint_final.pth"),
                       os.path.join(test_dir, "det_metrics.json")],
-            "task": run.task, "method": run.method, "labelled": run.labelled, "seed": run.seed,
+            "task": run.task, "method": run.method, "adapter": run.adapter, "arm": run.arm,
+            "labelled": run.labelled, "seed": run.seed, "folder": t.output_folder,
+            "params": adapter_params(t.output_folder),
             "train_losses": training_history(t)["train_losses"], **metrics}
 
 
@@ -254,6 +276,8 @@ def run_study(config: StudyConfig, progress: bool = True,
     from planners.pipeline import plan_dataset
 
     budget, grid = config.budget, config.grid
+    for note in grid.skipped():  # e.g. adapters that cannot train a Retina U-Net
+        print(note)
     out = os.path.abspath(config.out)
     os.makedirs(out, exist_ok=True)
     use_root(os.path.join(out, "nnunet"))

@@ -4,13 +4,18 @@ import pytest
 from nnpre.errors import NnPreError
 from nnpre.study.grid import (
     BUDGETS,
+    DEFAULT_ADAPTERS,
     DEFAULT_METHODS,
+    DETECTION_UNSUPPORTED,
     STEP_TIMES,
+    Run,
     StudyBudget,
     StudyGrid,
     available_methods,
     describe,
+    detection_skip_reason,
     estimate,
+    parse_adapters,
     parse_labelled,
     parse_methods,
     run_steps,
@@ -89,3 +94,76 @@ def test_describe_lists_grid_lengths_and_time():
     assert "segmentation fine-tuning: 8 run(s) x 8x250 = 2000 iterations" in text
     assert "detection fine-tuning: 8 run(s) x 5x250 = 1250 iterations" in text
     assert "estimated time" in text and " h " in text and "0.50 s/step" in text
+
+
+# ------------------------------------------------------------------------------------------------ adapter arms
+def test_adapter_arms_for_pretrained_methods_only():
+    from nnpre_trainers.trainer import variant_plans_name
+
+    g = StudyGrid(methods=("mae", "mg"), labelled=(2,), seeds=1, adapters=("full", "lora", "probe-mlp"))
+    seg = [r for r in g.runs() if r.task == "seg"]
+    det = [r for r in g.runs() if r.task == "det"]
+    assert [r.name for r in seg] == ["seg_scratch_n2_s0", "seg_mae_n2_s0", "seg_mae_n2_s0_lora",
+                                     "seg_mae_n2_s0_probe-mlp", "seg_mg_n2_s0", "seg_mg_n2_s0_lora",
+                                     "seg_mg_n2_s0_probe-mlp"]
+    # probe-mlp cannot train a Retina U-Net: no detection arm, and a note says why
+    assert [r.name for r in det] == ["det_scratch_n2_s0", "det_mae_n2_s0", "det_mae_n2_s0_lora", "det_mg_n2_s0",
+                                     "det_mg_n2_s0_lora"]
+    assert g.skipped() == [f"note: no detection arms for adapter probe-mlp: {DETECTION_UNSUPPORTED['probe-mlp']}"]
+    # scratch trains fully, never with an adapter
+    assert {r.adapter for r in g.runs() if r.method == "scratch"} == {"full"}
+    assert g.arm_labels("seg") == ["scratch", "mae", "mae+lora", "mae+probe-mlp", "mg", "mg+lora", "mg+probe-mlp"]
+    # run folders: full keeps its tag, the others append _<adapter>; a valid nnU-Net plans identifier
+    lora = seg[2]
+    assert (lora.tag, lora.arm, lora.init_seed) == ("mae_n2_s0_lora", "mae+lora", 100)
+    assert seg[1].tag == "mae_n2_s0" and Run("seg", "mae", 2, 0).name == "seg_mae_n2_s0"
+    assert len({r.name for r in g.runs()}) == len(g.runs())
+    for t in (r.tag for r in g.runs()):
+        assert variant_plans_name("nnPreResEncLPlans", t) == f"nnPreResEncLPlans_{t}"
+
+
+def test_default_adapters_change_nothing_and_full_can_be_left_out():
+    assert StudyGrid().adapters == DEFAULT_ADAPTERS == ("full",)
+    assert StudyGrid().skipped() == []
+    assert all(r.adapter == "full" and r.arm == r.method for r in StudyGrid().runs())
+    g = StudyGrid(methods=("mae",), labelled=(1,), adapters=("lora",))
+    assert [r.name for r in g.runs()] == ["seg_scratch_n1_s0", "seg_mae_n1_s0_lora", "det_scratch_n1_s0",
+                                          "det_mae_n1_s0_lora"]
+    # no pretrained methods: no arms and no notes
+    assert StudyGrid(methods=(), labelled=(1,), adapters=("probe-mlp",)).skipped() == []
+
+
+def test_parse_adapters_names_come_from_the_registry():
+    from nnpre_trainers.adapters import list_adapters
+
+    assert parse_adapters(" full, lora ,full,probe-linear") == ("full", "lora", "probe-linear")
+    assert parse_adapters(",".join(list_adapters())) == tuple(list_adapters())
+    with pytest.raises(NnPreError) as e:
+        parse_adapters("full,lorra")
+    msg = str(e.value)
+    assert "\n" not in msg and "unknown adapter(s) ['lorra']" in msg and ", ".join(list_adapters()) in msg
+    with pytest.raises(NnPreError, match="--adapters is empty"):
+        parse_adapters(" , ")
+    with pytest.raises(NnPreError, match=r"unknown adapter\(s\) \['peft'\]"):
+        StudyGrid(adapters=("full", "peft"))
+    assert detection_skip_reason("probe-mlp") and detection_skip_reason("lora") is None
+
+
+def test_estimate_and_describe_include_the_adapter_arms():
+    b = StudyBudget(2, 10, 3, 5, 4, 6, 4, "cpu", 1, 8)
+    t = STEP_TIMES["cpu-tiny"]
+    plain = estimate(StudyGrid(methods=("mae",), labelled=(1,)), b, t)
+    g = StudyGrid(methods=("mae",), labelled=(1,), adapters=("full", "lora", "probe-mlp"))
+    est = estimate(g, b, t)
+    extra = {"seg_mae_n1_s0_lora", "seg_mae_n1_s0_probe-mlp", "det_mae_n1_s0_lora"}
+    assert set(est.steps) == set(plain.steps) | extra
+    # an adapter arm is estimated at the cost of the full fine-tuning run of its task
+    assert est.steps["seg_mae_n1_s0_lora"] == est.steps["seg_mae_n1_s0"]
+    assert est.steps["det_mae_n1_s0_lora"] == est.steps["det_mae_n1_s0"]
+    assert est.total_s == pytest.approx(plain.total_s + sum(est.steps[k] for k in extra) * t.seg_step_s)
+    text = describe(g, b, "cpu-tiny")
+    assert "adapters: full, lora, probe-mlp" in text
+    assert "segmentation fine-tuning: 4 run(s) x 3x5 = 15 iterations (scratch 1, full 1, lora 1, probe-mlp 1)" in text
+    assert "detection fine-tuning: 3 run(s) x 1x8 = 8 iterations (scratch 1, full 1, lora 1)" in text
+    assert "arms: scratch, mae, mae+lora, mae+probe-mlp" in text
+    assert "note: no detection arms for adapter probe-mlp" in text and "of which adapter arms" in text

@@ -1,6 +1,5 @@
-"""nnDetection's Retina U-Net training recipe as data (``nndet/conf/train/v001.yaml``), with the schedule pieces a
-detection trainer needs: SGD with no weight decay on normalisation layers, linear warm-up then poly decay, and
-stochastic weight averaging (SWA) over extra epochs with a cyclic learning rate.
+"""nnDetection's Retina U-Net training recipe as data (``nndet/conf/train/v001.yaml``), and the stage schedule that
+trains it (:meth:`DetectionRecipe.schedule`, applied by :class:`~nnpre_trainers.stage_controller.StageController`).
 
 Sources (nnDetection, ``MIC-DKFZ/nnDetection``):
 
@@ -9,32 +8,53 @@ Sources (nnDetection, ``MIC-DKFZ/nnDetection``):
   ``max_num_epochs`` 50 x ``num_train_batches_per_epoch`` 2500, ``num_val_batches_per_epoch`` 100,
   ``swa_epochs`` 10, ``oversample_foreground_percent`` 0.5, ``monitor_key``
   ``mAP_IoU_0.10_0.50_0.05_MaxDet_100`` (mode max) for the best checkpoint, mixed precision;
-* ``nndet/training/learning_rate.py``: ``LinearWarmupPolyLR`` (warm-up ``warm_lr + (lr - warm_lr) * i / W`` for
-  ``i < W``, then ``lr * (1 - (i - W) / (T - W)) ** 0.9`` with T = all poly-phase iterations) and ``CycleLinear``;
+* ``nndet/training/learning_rate.py``: ``LinearWarmupPolyLR`` (torch scheduler; optimizer step i sees
+  ``_step_count = i + 1``: warm-up ``warm_lr + (lr - warm_lr) * (i + 1) / W`` for ``i < W``, then
+  ``lr * (1 - k / (T - W)) ** 0.9`` with ``k = i + 1 - W`` clamped at ``T - W - 1``) and ``CycleLinear``
+  (``cyclic_linear_lr``: ``initial + (final - initial) * (1 - c / C)``, c = iteration in the cycle);
 * ``nndet/ptmodule/base_module.py`` (``LightningBaseModuleSWA``) + ``nndet/training/swa.py``
-  (``SWACycleLinear``): after the 50 epochs, 10 more epochs whose learning rate follows a linear cycle per
-  epoch between ``lr / 1000`` and ``lr / 10``; the weights at the start of each SWA epoch are averaged with
-  equal weights and the average becomes the final model. (``cyclic_linear_lr`` computes
-  ``initial + (final - initial) * (1 - t / T)``, i.e. each cycle *rises* from ``lr / 1000`` to ``lr / 10``;
-  reproduced as written.)
+  (``SWACycleLinear``): after the 50 epochs, 10 more epochs with the *same* optimizer whose learning rate
+  follows a linear cycle per epoch with ``initial`` = lr / 10 and ``final`` = lr / 1000 (so each cycle *rises*
+  from lr / 1000 towards lr / 10; reproduced as written); PyTorch Lightning's ``StochasticWeightAveraging``
+  averages the parameters with equal weights at the start of each SWA epoch and copies the average into the
+  model when training ends: the final model is the average;
 * ``nndet/training/optimizer/utils.py`` (``get_params_no_wd_on_norm``): weight decay 0 for parameters of
-  normalisation layers (batch/instance/group/layer norm); biases of convolutions keep it.
+  normalisation layers; biases of convolutions keep it;
 * nnDetection trains without gradient clipping (Lightning's default ``gradient_clip_val=0``); nnU-Net clips at 12.
+
+With a pretrained encoder (which nnDetection does not have) the main phase takes the structure of the DKFZ
+fine-tuning recipe (nnU-Net master ``pretraining/pretrainedTrainer.py``, :func:`~nnpre_trainers.finetune_schedule.
+default_schedule`): the first 5 % train only the decoder and heads (warm-up over its first half from ``warm_lr``,
+poly over the second), then the whole network with a new optimizer, re-warmed over 5 % (in place of the recipe's
+4000-iteration warm-up, 3.2 % of 125 000), then poly; the SWA epochs follow unchanged. The peak LR stays the
+recipe's 1e-2: with momentum 0.9 its effective step ``lr / (1 - momentum)`` = 0.1 equals the DKFZ pretrained
+recipe's 1e-3 at momentum 0.99.
+
+A run of another length (``--epochs`` / ``--iterations``) uses :meth:`DetectionRecipe.fitted`: SWA keeps its share
+of the epochs (10 of 60) and the warm-up its share of the main phase (3.2 %).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
-
-import torch
-from torch import nn
+from typing import List, Optional
 
 from nnpre.errors import fail
+from nnpre_trainers.finetune_schedule import (
+    ALL_GROUPS,
+    DKFZ_WARMUP_FRACTION,
+    NORM_TYPES,
+    FinetuneSchedule,
+    LRRule,
+    Stage,
+)
 
-#: Module types whose parameters get no weight decay (nnDetection ``NORM_TYPES``).
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
-              nn.InstanceNorm3d, nn.LayerNorm, nn.GroupNorm, nn.SyncBatchNorm, nn.LocalResponseNorm)
+__all__ = ["NNDET_V001", "NORM_TYPES", "DetectionRecipe", "preset_detector_overrides", "recipe_for_preset"]
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
 
 
 @dataclass(frozen=True)
@@ -47,15 +67,19 @@ class DetectionRecipe:
         no_weight_decay_on_norm: weight decay 0 on normalisation layers (True).
         warm_iterations / warm_lr: linear warm-up length and start (4000 / 1e-6).
         poly_gamma: exponent of the poly decay (0.9).
-        num_epochs / iterations_per_epoch / val_iterations_per_epoch: 50 / 2500 / 100.
+        num_epochs / iterations_per_epoch / val_iterations_per_epoch: 50 / 2500 / 100 (``num_epochs`` excludes
+            the SWA epochs).
         swa_epochs: extra SWA epochs after ``num_epochs`` (10; 0 = no SWA).
-        swa_initial_lr_factor / swa_final_lr_factor: the cycle's lr ends as fractions of ``initial_lr``
-            (1/10 and 1/1000).
+        swa_initial_lr_factor / swa_final_lr_factor: nnDetection's ``cycle_initial_lr`` / ``cycle_final_lr`` as
+            fractions of ``initial_lr`` (1/10 and 1/1000; each cycle runs from the final towards the initial one).
         oversample_foreground_percent: fraction of patches forced to contain foreground (0.5; nnU-Net: 0.33).
         monitor_key / monitor_mode: validation metric that selects ``checkpoint_best``
             (``mAP_IoU_0.10_0.50_0.05_MaxDet_100``, max).
         grad_clip: gradient-norm clip (``None``: none, as nnDetection).
-        sweep_checkpoint: checkpoint the post-processing sweep uses (nnDetection: the last one).
+        pretrained_decoder_fraction: with a pretrained encoder, the decoder-only first stage and the whole
+            network's re-warm-up as a fraction of the main phase (0.05, the DKFZ recipe; see the module doc).
+        sweep_checkpoint: checkpoint the post-processing sweep uses (nnDetection: the last one, i.e. the SWA
+            average).
     """
 
     optimizer: str = "sgd"
@@ -77,6 +101,7 @@ class DetectionRecipe:
     monitor_key: str = "mAP_IoU_0.10_0.50_0.05_MaxDet_100"
     monitor_mode: str = "max"
     grad_clip: Optional[float] = None
+    pretrained_decoder_fraction: float = DKFZ_WARMUP_FRACTION
     sweep_checkpoint: str = "checkpoint_final.pth"
 
     def __post_init__(self):
@@ -84,8 +109,12 @@ class DetectionRecipe:
             fail(f"detection recipe: optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.monitor_mode not in ("max", "min"):
             fail(f"detection recipe: monitor_mode must be 'max' or 'min', got {self.monitor_mode!r}")
-        if self.num_epochs < 1 or self.iterations_per_epoch < 1 or self.swa_epochs < 0:
-            fail("detection recipe: num_epochs and iterations_per_epoch must be >= 1 and swa_epochs >= 0")
+        if self.num_epochs < 1 or self.iterations_per_epoch < 1 or self.swa_epochs < 0 or self.warm_iterations < 0:
+            fail("detection recipe: num_epochs and iterations_per_epoch must be >= 1, swa_epochs and "
+                 "warm_iterations >= 0")
+        if not 0.0 <= self.oversample_foreground_percent <= 1.0:
+            fail(f"detection recipe: oversample_foreground_percent must lie in [0, 1], got "
+                 f"{self.oversample_foreground_percent}")
 
     def replace(self, **changes) -> "DetectionRecipe":
         """Copy with fields replaced; unknown names raise a one-line error."""
@@ -95,7 +124,7 @@ class DetectionRecipe:
             fail(f"unknown detection recipe field(s) {unknown}; valid: {sorted(known)}")
         return dataclasses.replace(self, **changes)
 
-    # ---------------------------------------------------------------------------------------- schedule
+    # ---------------------------------------------------------------------------------------- length
     @property
     def main_iterations(self) -> int:
         """Iterations of warm-up + poly decay (``num_epochs * iterations_per_epoch``)."""
@@ -109,13 +138,30 @@ class DetectionRecipe:
     def total_iterations(self) -> int:
         return self.total_epochs * self.iterations_per_epoch
 
-    def lr_at(self, iteration: int) -> float:
-        """Learning rate of optimizer step ``iteration`` (0-based) over the whole run including SWA.
+    def fitted(self, epochs: int, iterations_per_epoch: int) -> "DetectionRecipe":
+        """This recipe for a run of ``epochs`` epochs (SWA included) of ``iterations_per_epoch`` iterations.
 
-        Warm-up (``i < W``): ``warm_lr + (lr - warm_lr) * (i + 1) / W`` (a torch scheduler steps once when it is
-        built, so optimizer step i sees the scheduler's step count i + 1); poly: ``lr * (1 - (i + 1 - W) /
-        (T - W)) ** gamma`` clamped at the last poly step; SWA epoch iterations: the linear cycle.
+        Unchanged when the length is the recipe's own. Otherwise SWA keeps its share of the epochs
+        (``round(epochs * swa_epochs / total_epochs)``, at least 1 when the recipe has SWA and ``epochs >= 2``,
+        always leaving >= 1 main epoch) and the warm-up keeps its share of the main phase (nnDetection 4000 of
+        125 000 iterations = 3.2 %; shorter than the main phase).
         """
+        e, i = int(epochs), int(iterations_per_epoch)
+        if e < 1 or i < 1:
+            fail(f"a detection run needs >= 1 epoch of >= 1 iteration, got {e} x {i}")
+        if (e, i) == (self.total_epochs, self.iterations_per_epoch):
+            return self
+        swa = 0
+        if self.swa_epochs and e >= 2:
+            swa = min(e - 1, max(1, _round_half_up(e * self.swa_epochs / self.total_epochs)))
+        main = e - swa
+        warm = min(_round_half_up(self.warm_iterations * main * i / self.main_iterations), main * i - 1)
+        return self.replace(num_epochs=main, iterations_per_epoch=i, swa_epochs=swa, warm_iterations=max(0, warm))
+
+    # ---------------------------------------------------------------------------------------- schedule
+    def lr_at(self, iteration: int) -> float:
+        """nnDetection's learning rate of optimizer step ``iteration`` (0-based) of a run from scratch, SWA
+        included: the reference the schedule (:meth:`schedule`) reproduces. Formulas: see the module doc."""
         i = int(iteration)
         if i < 0:
             fail(f"iteration must be >= 0, got {iteration}")
@@ -136,71 +182,46 @@ class DetectionRecipe:
         """Epochs (0-based) at whose *start* the weights enter the SWA average (``num_epochs .. total - 1``)."""
         return list(range(self.num_epochs, self.total_epochs))
 
-    # --------------------------------------------------------------------------------------- optimizer
-    def param_groups(self, model: nn.Module) -> List[Dict]:
-        """Parameter groups: weight decay on everything except normalisation layers (if enabled)."""
-        if not self.no_weight_decay_on_norm:
-            return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": self.weight_decay}]
-        norm_ids = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
-        decay = [p for p in model.parameters() if p.requires_grad and id(p) not in norm_ids]
-        no_decay = [p for p in model.parameters() if p.requires_grad and id(p) in norm_ids]
-        return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    def schedule(self, pretrained: bool = False) -> FinetuneSchedule:
+        """The stages that train this recipe (see the module doc).
 
-    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        """SGD (momentum, Nesterov) or AdamW over :meth:`param_groups`, at ``lr_at(0)``."""
-        groups = self.param_groups(model)
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=self.lr_at(0), momentum=self.momentum, nesterov=self.nesterov,
-                                   weight_decay=self.weight_decay)
-        return torch.optim.AdamW(groups, lr=self.lr_at(0), weight_decay=self.weight_decay)
-
-    def set_lr(self, optimizer: torch.optim.Optimizer, iteration: int) -> float:
-        lr = self.lr_at(iteration)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        return lr
-
-    def is_better(self, value: float, best: Optional[float]) -> bool:
-        """Whether a validation ``value`` of ``monitor_key`` beats ``best`` (NaN never does)."""
-        if value != value:  # NaN
-            return False
-        if best is None or best != best:
-            return True
-        return value > best if self.monitor_mode == "max" else value < best
-
-
-class SWAAverager:
-    """Equal-weight running average of a model's parameters and buffers (``torch.optim.swa_utils`` semantics
-    for the parameters; nnDetection keeps no batch-norm update, nor is one needed with instance norm).
-
-    Usage: ``avg = SWAAverager(model)`` once, ``avg.update(model)`` at the start of each SWA epoch,
-    ``avg.copy_to(model)`` at the end of training.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.n = 0
-        self.state = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
-                      for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.n += 1
-        for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                self.state[k].add_((v.detach().float() - self.state[k]) / self.n)
-            else:
-                self.state[k].copy_(v)
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        if self.n == 0:
-            fail("SWA: no weights were averaged (update() was never called); check swa_epochs and the epoch count")
-        sd = model.state_dict()
-        model.load_state_dict({k: self.state[k].to(dtype=sd[k].dtype, device=sd[k].device) for k in sd})
+        From scratch: ``main`` (whole network; warm-up from ``warm_lr`` over ``warm_iterations``, then poly with
+        nnDetection's step convention) and, with SWA, ``swa`` (same optimizer, one LR cycle per epoch, weights
+        averaged at every epoch start). Pretrained: ``decoder_warmup`` + ``whole_network`` (the DKFZ structure)
+        in place of ``main`` when the 5 % stage has >= 2 iterations, then ``swa``.
+        """
+        main = self.main_iterations
+        poly = dict(exponent=self.poly_gamma, warmup_start_lr=self.warm_lr, step_offset=1)
+        d = _round_half_up(self.pretrained_decoder_fraction * main) if pretrained else 0
+        if 2 <= d < main:
+            stages = [Stage("decoder_warmup", d, ("decoder", "heads", "stem"),
+                            LRRule(warmup=max(1, _round_half_up(d / 2)), exponent=self.poly_gamma,
+                                   warmup_start_lr=self.warm_lr)),
+                      Stage("whole_network", main - d, ALL_GROUPS, LRRule(warmup=d, **poly))]
+        else:
+            stages = [Stage("main", main, ALL_GROUPS, LRRule(warmup=min(int(self.warm_iterations), main), **poly))]
+        if self.swa_epochs:
+            stages.append(Stage("swa", None, ALL_GROUPS,
+                                LRRule(peak_lr=self.initial_lr * self.swa_initial_lr_factor, decay="cyclic",
+                                       cycle_length=self.iterations_per_epoch,
+                                       cycle_start_lr=self.initial_lr * self.swa_final_lr_factor),
+                                keep_optimizer=True, average_every=self.iterations_per_epoch))
+        else:
+            stages[-1] = dataclasses.replace(stages[-1], length=None)
+        return FinetuneSchedule(stages=tuple(stages), total_iterations=self.total_iterations,
+                                base_lr=self.initial_lr, momentum=self.momentum, nesterov=self.nesterov,
+                                weight_decay=self.weight_decay, optimizer=self.optimizer,
+                                no_weight_decay_on_norm=self.no_weight_decay_on_norm, grad_clip=self.grad_clip)
 
 
 #: nnDetection v001 (the faithful preset).
 NNDET_V001 = DetectionRecipe()
+
+
+def recipe_for_preset(preset) -> DetectionRecipe:
+    """:data:`NNDET_V001` with the fields the preset overrides (:attr:`nnpre.presets.Preset.detection_recipe`;
+    ``{}`` for ``gpu``)."""
+    return NNDET_V001.replace(**dict(getattr(preset, "detection_recipe", {}) or {}))
 
 
 def preset_detector_overrides(preset_name: str, n_stages: Optional[int] = None) -> dict:

@@ -8,10 +8,17 @@
   :class:`~nnpre_detection.targets.BoxTargetsTransform` as the last transform: each (X, Y, Z) seg patch becomes
   instances (26-connected components) and boxes (nnDetection ``min - 1`` / ``max + 1``) in the loader workers;
 * loss: the detector's loss dict (``loss`` = classification + regression + segmentation parts);
+* training recipe: nnDetection's v001 (:mod:`nnpre_detection.recipe`) with the preset's overrides
+  (:func:`~nnpre_detection.recipe.recipe_for_preset`), fitted to the run's length
+  (:meth:`~nnpre_detection.recipe.DetectionRecipe.fitted`): the run's default length
+  (:meth:`DetectionTask.training_length`), its stage schedule (:meth:`DetectionTask.default_schedule`: SGD 0.9
+  Nesterov, no weight decay on norms, warm-up + poly, SWA epochs whose average becomes ``checkpoint_final``; no
+  gradient clipping) and the loaders' foreground oversampling (0.5) are all read from it;
 * validation: mean validation loss per epoch and nnDetection's box metrics of the validation patches
-  (:class:`~nnpre_detection.validation.PatchEvaluator`); ``checkpoint_best`` = highest
-  ``mAP_IoU_0.10_0.50_0.05_MaxDet_100`` (nnDetection ``monitor_key``);
-* end of training: nnDetection's post-processing sweep on the validation cases -> ``inference_plan.json``.
+  (:class:`~nnpre_detection.validation.PatchEvaluator`); ``checkpoint_best`` = the recipe's ``monitor_key``
+  (highest ``mAP_IoU_0.10_0.50_0.05_MaxDet_100``), through the trainer's ``end_loss_epoch(monitor=...)``;
+* end of training: nnDetection's post-processing sweep on the validation cases (with the final, i.e. SWA-averaged,
+  weights) -> ``inference_plan.json``.
 
 Checkpoints carry ``nnpre_detection`` (number of classes, anchor sizes, detector config, plans, dataset.json,
 configuration name) so :mod:`nnpre_detection.inference` rebuilds the model from the checkpoint alone.
@@ -19,7 +26,6 @@ configuration name) so :mod:`nnpre_detection.inference` rebuilds the model from 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -28,6 +34,7 @@ from torch import Tensor, nn
 
 from nnpre.presets import preset_from_plans
 from nnpre_detection.anchors import AnchorPlan, plan_anchors, relative_level_factors
+from nnpre_detection.recipe import DetectionRecipe, recipe_for_preset
 from nnpre_detection.retina_unet import RetinaUNetConfig, build_retina_unet, default_decoder_levels
 from nnpre_detection.targets import BoxTargetsTransform, targets_from_batch, targets_from_seg
 from nnpre_trainers.tasks.base import TaskContext, TrainingTask
@@ -60,6 +67,8 @@ class DetectionTask(TrainingTask):
         plan_anchors: fit anchor sizes to the training boxes (nnDetection does); False = nnDetection's initial
             sizes (4, 8, 16) per axis scaled per level.
         anchor_sizes: explicit :class:`AnchorPlan` (skips planning).
+        training_recipe: explicit :class:`~nnpre_detection.recipe.DetectionRecipe` (default: the preset's,
+            :func:`~nnpre_detection.recipe.recipe_for_preset`); fitted to the trainer's length either way.
         **detector_overrides: :class:`~nnpre_detection.retina_unet.RetinaUNetConfig` fields; ``head_channels``
             defaults to the preset's ``detector_head_channels`` when it sets one.
     """
@@ -68,11 +77,38 @@ class DetectionTask(TrainingTask):
     recipe = "finetune"
     needs_labels = True
 
-    def __init__(self, plan_anchors: bool = True, anchor_sizes: Optional[AnchorPlan] = None, **detector_overrides):
+    def __init__(self, plan_anchors: bool = True, anchor_sizes: Optional[AnchorPlan] = None,
+                 training_recipe: Optional[DetectionRecipe] = None, **detector_overrides):
         RetinaUNetConfig().with_overrides(**detector_overrides)  # unknown options: one-line error now
         self.plan_anchors = bool(plan_anchors)
         self.anchor_sizes = anchor_sizes
+        self.training_recipe = training_recipe
         self.detector_overrides: Dict[str, Any] = dict(detector_overrides)
+
+    # -- training recipe (nnpre_detection.recipe) ------------------------------------------------------------
+    def base_recipe(self, preset) -> DetectionRecipe:
+        """The explicit recipe, else nnDetection's v001 with ``preset``'s overrides (not yet fitted)."""
+        return self.training_recipe if self.training_recipe is not None else recipe_for_preset(preset)
+
+    def recipe_for(self, trainer) -> DetectionRecipe:
+        """The recipe of ``trainer``'s run: :meth:`base_recipe` fitted to its epochs x iterations."""
+        return self.base_recipe(trainer.preset).fitted(trainer.num_epochs, trainer.num_iterations_per_epoch)
+
+    def training_length(self, preset) -> Tuple[int, int, int, int]:
+        """Default run length (epochs incl. SWA, iterations, validation iterations, ``save_every``): the recipe's
+        (``gpu``: 60 x 2500, 100), ``checkpoint_latest`` at the preset's interval in iterations (``gpu``: 50 x
+        250 = every 5 epochs of 2500)."""
+        r = self.base_recipe(preset)
+        save = max(1, round(preset.save_every * preset.iterations_per_epoch / r.iterations_per_epoch))
+        return r.total_epochs, r.iterations_per_epoch, r.val_iterations_per_epoch, save
+
+    def default_schedule(self, trainer):
+        """The recipe's stage schedule (:meth:`~nnpre_detection.recipe.DetectionRecipe.schedule`)."""
+        return self.recipe_for(trainer).schedule(pretrained=not trainer.from_scratch)
+
+    def foreground_oversampling(self, trainer) -> float:
+        """Fraction of foreground-forced patches of the loaders (nnDetection 0.5)."""
+        return self.recipe_for(trainer).oversample_foreground_percent
 
     # -- model -------------------------------------------------------------------------------------------
     def training_boxes(self, ctx: TaskContext) -> np.ndarray:
@@ -141,9 +177,10 @@ class DetectionTask(TrainingTask):
 
     def on_validation_epoch_end(self, trainer, outputs: List[dict]) -> None:
         """Mean validation loss, and box metrics of the epoch's validation patches (each patch one image, fast
-        evaluator) as nnDetection logs them; ``recipe.monitor_key`` (mAP@0.1:0.5) selects ``checkpoint_best``."""
-        from nnpre_detection.recipe import NNDET_V001
+        evaluator) as nnDetection logs them; the recipe's ``monitor_key`` (mAP@0.1:0.5) selects ``checkpoint_best``."""
         from nnpre_detection.validation import PatchEvaluator
+
+        key = self.recipe_for(trainer).monitor_key
 
         trainer.log_mean_val_loss(outputs)
         ev = PatchEvaluator(trainer.unwrapped_network.num_classes)
@@ -151,27 +188,16 @@ class DetectionTask(TrainingTask):
             if "det" in o:
                 ev.add(*o["det"])
         metrics = ev.finish()
-        self.val_metric = float(metrics.get(NNDET_V001.monitor_key, float("nan")))
+        self.val_metric = float(metrics.get(key, float("nan")))
         if metrics:
             trainer.print_to_log_file("validation patches: " + ", ".join(
-                f"{k} {metrics[k]:.3f}" for k in ("AP_IoU_0.10_MaxDet_100", NNDET_V001.monitor_key) if k in metrics))
+                f"{k} {metrics[k]:.3f}" for k in ("AP_IoU_0.10_MaxDet_100", key) if k in metrics))
 
     def on_epoch_end(self, trainer) -> None:
-        """Latest checkpoint and epoch log as every task; ``checkpoint_best`` by validation mAP (nnDetection
-        ``monitor_key``, mode max) instead of the lowest validation loss."""
-        from nnpre_detection.recipe import NNDET_V001
-
-        best_loss = getattr(trainer, "_best_ema", None)
-        trainer._best_ema = float("-inf")  # no loss-based best checkpoint
-        try:
-            trainer.end_loss_epoch()
-        finally:
-            trainer._best_ema = best_loss
-        metric = getattr(self, "val_metric", float("nan"))
-        if NNDET_V001.is_better(metric, getattr(self, "best_metric", None)):
-            self.best_metric = metric
-            if getattr(trainer, "local_rank", 0) == 0:
-                trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_best.pth"))
+        """Latest checkpoint and epoch log as every task, with ``checkpoint_best`` by the recipe's validation metric
+        (nnDetection ``monitor_key``, mode max) instead of the lowest validation loss."""
+        r = self.recipe_for(trainer)
+        trainer.end_loss_epoch(monitor=(r.monitor_key, getattr(self, "val_metric", float("nan")), r.monitor_mode))
         trainer.current_epoch += 1
 
     def final_validation(self, trainer, save_probabilities: bool = False) -> None:

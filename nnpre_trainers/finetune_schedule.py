@@ -28,6 +28,14 @@ Parameter groups are selected **by name** (:func:`parameter_groups`), never with
 through ``decoder.encoder``. Frozen parameters must be kept out of the optimizer and have
 ``requires_grad=False`` (:func:`apply_stage`), so weight decay and momentum cannot move them.
 
+Beyond the DKFZ recipe, a schedule can express nnDetection's v001 training (:mod:`nnpre_detection.recipe`):
+a warm-up that starts from a small LR instead of 0 (:attr:`LRRule.warmup_start_lr`), the torch-scheduler step
+convention (:attr:`LRRule.step_offset`), a cyclic LR (``decay="cyclic"``), a stage that keeps the previous
+stage's optimizer (:attr:`Stage.keep_optimizer`, as nnDetection's SWA phase swaps only the LR scheduler), an
+equal-weight average of the weights taken during a stage (:attr:`Stage.average_every`, stochastic weight
+averaging), no weight decay on normalisation layers and no gradient clipping
+(:attr:`FinetuneSchedule.no_weight_decay_on_norm`, :attr:`FinetuneSchedule.grad_clip`).
+
 This module holds no trainer code; :class:`nnpre_trainers.stage_controller.StageController` applies a
 schedule during training (:meth:`FinetuneSchedule.stage_at`, :meth:`FinetuneSchedule.lr_at`, :func:`apply_stage`).
 """
@@ -40,6 +48,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from torch import nn
 
 from nnpre.architecture import unwrap
+from nnpre_trainers.train_step import GRAD_CLIP
 
 #: Parameter group names produced by :func:`parameter_groups`.
 GROUPS = ("encoder", "stem", "decoder", "heads", "other")
@@ -47,6 +56,17 @@ GROUPS = ("encoder", "stem", "decoder", "heads", "other")
 OPTIMIZERS = ("sgd", "adamw")
 ALL_GROUPS = GROUPS
 Span = Union[int, float, None]  # int = iteration count, float = fraction of all iterations, None = the rest
+#: LR decays a stage can use (:class:`LRRule`).
+DECAYS = ("poly", "constant", "cyclic")
+#: Module types whose parameters get no weight decay when a schedule asks for it (nnDetection
+#: ``nndet/training/optimizer/utils.py`` ``NORM_TYPES``: batch / instance / group / layer norm).
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+              nn.InstanceNorm3d, nn.LayerNorm, nn.GroupNorm, nn.SyncBatchNorm, nn.LocalResponseNorm)
+
+
+def norm_parameter_ids(network: nn.Module) -> set:
+    """``id()`` of every parameter that belongs directly to a normalisation layer (:data:`NORM_TYPES`)."""
+    return {id(p) for m in unwrap(network).modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
 
 
 def resolve_span(span: Span, total_iterations: int, what: str) -> Optional[int]:
@@ -68,26 +88,58 @@ def resolve_span(span: Span, total_iterations: int, what: str) -> Optional[int]:
 
 @dataclass(frozen=True)
 class LRRule:
-    """LR inside one stage.
+    """LR inside one stage (t = iteration counted from the stage start, L = stage length, W = warm-up length).
 
     Attributes:
         peak_lr: LR reached after the warm-up; None → the schedule's ``base_lr``.
         warmup: warm-up length: float = fraction of *all* training iterations, int = iterations, 0 = none.
-            Capped at the stage length.
-        decay: "poly" (``(1 − progress)^exponent`` after the warm-up) or "constant".
+            Capped at the stage length. LR ``start + (peak − start) · (t + 1) / W`` for t < W.
+        decay: after the warm-up: ``"poly"`` (``peak · (1 − k / (L − W))^exponent``, k = t − W + step_offset),
+            ``"constant"``, or ``"cyclic"`` (repeating linear ramps of ``cycle_length`` iterations from
+            ``cycle_start_lr`` towards ``peak``: ``start + (peak − start) · c / cycle_length``, c = (t − W) mod
+            cycle_length; nnDetection ``CycleLinear``).
         exponent: poly exponent (nnU-Net: 0.9).
+        warmup_start_lr: LR the warm-up starts from (nnU-Net: 0; nnDetection ``warm_lr`` 1e-6).
+        step_offset: 0 = nnU-Net's poly (the first post-warm-up iteration runs at the peak); 1 = the torch
+            scheduler convention of nnDetection's ``LinearWarmupPolyLR`` (a scheduler steps once when built, so
+            iteration t sees step count t + 1; k is clamped at the stage's last iteration, L − W − 1).
+        cycle_length / cycle_start_lr: the cyclic decay's period (iterations) and start LR.
     """
 
     peak_lr: Optional[float] = None
     warmup: Span = 0
     decay: str = "poly"
     exponent: float = 0.9
+    warmup_start_lr: float = 0.0
+    step_offset: int = 0
+    cycle_length: Optional[int] = None
+    cycle_start_lr: float = 0.0
 
     def __post_init__(self):
-        if self.decay not in ("poly", "constant"):
-            raise ValueError(f"LRRule.decay must be 'poly' or 'constant', got {self.decay!r}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"LRRule.decay must be one of {DECAYS}, got {self.decay!r}")
         if self.peak_lr is not None and self.peak_lr <= 0:
             raise ValueError(f"LRRule.peak_lr must be > 0, got {self.peak_lr}")
+        if self.decay == "cyclic" and (self.cycle_length is None or int(self.cycle_length) < 1):
+            raise ValueError(f"LRRule: a cyclic decay needs cycle_length >= 1, got {self.cycle_length}")
+        if self.step_offset not in (0, 1):
+            raise ValueError(f"LRRule.step_offset must be 0 or 1, got {self.step_offset}")
+
+    def at(self, t: int, length: int, warmup: int, peak: float) -> float:
+        """LR at iteration ``t`` of a stage of ``length`` iterations with ``warmup`` warm-up iterations."""
+        if t < warmup:
+            return self.warmup_start_lr + (peak - self.warmup_start_lr) * (t + 1) / warmup
+        if self.decay == "constant":
+            return peak
+        if self.decay == "cyclic":
+            c = (t - warmup) % int(self.cycle_length)
+            return self.cycle_start_lr + (peak - self.cycle_start_lr) * c / float(self.cycle_length)
+        span = max(length - warmup, 1)
+        k = t - warmup + self.step_offset
+        if self.step_offset:
+            k = min(k, span - 1)
+        progress = min(max(k / span, 0.0), 1.0)
+        return peak * (1.0 - progress) ** self.exponent
 
 
 @dataclass(frozen=True)
@@ -100,18 +152,29 @@ class Stage:
             iterations (only the last stage).
         trains: parameter group names (see :data:`GROUPS`) whose parameters are trainable.
         lr: the stage's :class:`LRRule`.
+        keep_optimizer: continue with the previous stage's optimizer and its state (momentum) instead of
+            building a new one; needs the previous stage's ``trains`` (nnDetection's SWA phase swaps only the
+            LR scheduler). Default False: a new optimizer per stage (the DKFZ "sawtooth").
+        average_every: keep an equal-weight average of the weights taken at the stage's first iteration and
+            every ``average_every`` iterations after it, *before* that iteration's step; the average becomes the
+            final weights when training ends (stochastic weight averaging; nnDetection: every epoch start of its
+            SWA epochs). None = no averaging.
     """
 
     name: str
     length: Span
     trains: Tuple[str, ...]
     lr: LRRule = field(default_factory=LRRule)
+    keep_optimizer: bool = False
+    average_every: Optional[int] = None
 
     def __post_init__(self):
         unknown = [g for g in self.trains if g not in GROUPS]
         if unknown:
             raise ValueError(f"stage {self.name!r}: unknown parameter groups {unknown}; known: {list(GROUPS)}")
         object.__setattr__(self, "trains", tuple(self.trains))
+        if self.average_every is not None and int(self.average_every) < 1:
+            raise ValueError(f"stage {self.name!r}: average_every must be >= 1, got {self.average_every}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +192,9 @@ class FinetuneSchedule:
         lr_step: the LR is recomputed every ``lr_step`` iterations (at multiples of it): 1 = every iteration
             (fine-tuning); iterations per epoch = nnU-Net's ``PolyLRScheduler``, stepped once per epoch
             (pretraining, :func:`pretrain_schedule`).
+        no_weight_decay_on_norm: weight decay 0 for parameters of normalisation layers (:data:`NORM_TYPES`;
+            nnDetection). Default False (nnU-Net decays every parameter).
+        grad_clip: gradient 2-norm clip of every step; None = no clipping (nnDetection). Default 12 (nnU-Net).
     """
 
     stages: Tuple[Stage, ...]
@@ -139,6 +205,8 @@ class FinetuneSchedule:
     weight_decay: float = 3e-5
     optimizer: str = "sgd"
     lr_step: int = 1
+    no_weight_decay_on_norm: bool = False
+    grad_clip: Optional[float] = GRAD_CLIP
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -152,6 +220,14 @@ class FinetuneSchedule:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if any(s.length is None for s in self.stages[:-1]):
             raise ValueError("only the last stage may have length None (the remaining iterations)")
+        if self.stages[0].keep_optimizer:
+            raise ValueError(f"stage {self.stages[0].name!r} is the first stage: there is no optimizer to keep")
+        for prev, s in zip(self.stages, self.stages[1:]):
+            if s.keep_optimizer and set(s.trains) != set(prev.trains):
+                raise ValueError(f"stage {s.name!r} keeps the optimizer of {prev.name!r}, so it must train the same "
+                                 f"groups ({list(prev.trains)}), not {list(s.trains)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None (no clipping), got {self.grad_clip}")
         self.boundaries()  # validates the lengths
 
     # ------------------------------------------------------------------ stage bookkeeping
@@ -188,15 +264,9 @@ class FinetuneSchedule:
         idx, stage = self.stage_at(iteration)
         start, end = self.boundaries()[idx]
         length = max(end - start, 1)
-        t = iteration - start
         peak = stage.lr.peak_lr if stage.lr.peak_lr is not None else self.base_lr
         w = min(resolve_span(stage.lr.warmup, self.total_iterations, f"stage {stage.name!r} warmup") or 0, length)
-        if t < w:
-            return peak * (t + 1) / w
-        if stage.lr.decay == "constant":
-            return peak
-        progress = min(max((t - w) / max(length - w, 1), 0.0), 1.0)
-        return peak * (1.0 - progress) ** stage.lr.exponent
+        return stage.lr.at(iteration - start, length, w, peak)
 
     def stage_names(self) -> List[str]:
         return [s.name for s in self.stages]
@@ -213,11 +283,21 @@ class FinetuneSchedule:
         return {"lr": self.lr_at(iteration), "momentum": self.momentum, "nesterov": self.nesterov,
                 "weight_decay": self.weight_decay}
 
-    def build_optimizer(self, params, iteration: int = 0):
-        """``torch.optim.SGD`` or ``AdamW`` over ``params`` with this schedule's settings at ``iteration``."""
+    def build_optimizer(self, params, iteration: int = 0, no_decay_ids: Optional[set] = None):
+        """``torch.optim.SGD`` or ``AdamW`` over ``params`` with this schedule's settings at ``iteration``.
+
+        With :attr:`no_weight_decay_on_norm`, two parameter groups: ``[decayed, not decayed]``, the second holding
+        the parameters whose ``id()`` is in ``no_decay_ids`` (:func:`norm_parameter_ids`), weight decay 0; the
+        group layout is the same in every run, so optimizer states of a checkpoint load back.
+        """
         import torch
 
         cls = torch.optim.AdamW if self.optimizer == "adamw" else torch.optim.SGD
+        params = list(params)
+        if self.no_weight_decay_on_norm:
+            skip = no_decay_ids or set()
+            params = [{"params": [p for p in params if id(p) not in skip]},
+                      {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0}]
         return cls(params, **self.optimizer_kwargs(iteration))
 
     # ------------------------------------------------------------------ serialisation
@@ -228,8 +308,7 @@ class FinetuneSchedule:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "FinetuneSchedule":
-        stages = tuple(Stage(name=s["name"], length=s["length"], trains=tuple(s["trains"]), lr=LRRule(**s["lr"]))
-                       for s in d["stages"])
+        stages = tuple(Stage(**{**s, "trains": tuple(s["trains"]), "lr": LRRule(**s["lr"])}) for s in d["stages"])
         return cls(stages=stages, **{k: v for k, v in d.items() if k != "stages"})
 
 

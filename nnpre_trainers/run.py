@@ -82,12 +82,7 @@ def make_trainer(trainer_class: Type, dataset: str | int, plans_name: str = "nnP
     trainer = trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
                             device=pick_device(device))
     if preset is not None:
-        p = get_preset(preset)
-        trainer.preset = p
-        trainer.num_epochs = p.num_epochs
-        trainer.num_iterations_per_epoch = p.iterations_per_epoch
-        trainer.num_val_iterations_per_epoch = p.val_iterations_per_epoch
-        trainer.save_every = p.save_every
+        trainer.use_preset(get_preset(preset))  # its length, or the task's for it (detection: the recipe's)
     if epochs is not None:
         trainer.num_epochs = int(epochs)
     if iterations is not None:

@@ -72,7 +72,7 @@ def make_grad_scaler(device: torch.device, amp: Amp = "auto") -> Optional[torch.
 
 def train_step(network: nn.Module, optimizer: torch.optim.Optimizer, compute_losses: Callable[[], Dict[str, Tensor]],
                device: torch.device, grad_scaler: Optional[torch.amp.GradScaler] = None,
-               grad_clip: float = GRAD_CLIP, where: str = "", amp: Amp = "auto") -> Dict[str, float]:
+               grad_clip: Optional[float] = GRAD_CLIP, where: str = "", amp: Amp = "auto") -> Dict[str, float]:
     """One optimisation step.
 
     Args:
@@ -82,7 +82,7 @@ def train_step(network: nn.Module, optimizer: torch.optim.Optimizer, compute_los
             called under autocast.
         device: where the batch lives (with ``amp``, decides autocast).
         grad_scaler: AMP scaler (fp16 on CUDA, :func:`make_grad_scaler`) or None.
-        grad_clip: maximum gradient 2-norm (default 12, nnU-Net).
+        grad_clip: maximum gradient 2-norm (default 12, nnU-Net); None = no clipping (nnDetection).
         where: text naming the step in the non-finite-loss error (e.g. ``"epoch 3, cases [...]"``).
         amp: mixed-precision mode (:func:`amp_dtype`; default ``"auto"``, nnU-Net's: fp16 on CUDA, off on CPU).
 
@@ -102,11 +102,13 @@ def train_step(network: nn.Module, optimizer: torch.optim.Optimizer, compute_los
     if grad_scaler is not None:
         grad_scaler.scale(loss).backward()
         grad_scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip)
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip)
         grad_scaler.step(optimizer)
         grad_scaler.update()
     else:
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip)
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip)
         optimizer.step()
     return {k: float(v.detach().float().cpu()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}

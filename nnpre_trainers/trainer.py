@@ -21,7 +21,12 @@ separately tested parts (:meth:`nnPreTrainer.compose`):
   for pretraining (:func:`~nnpre_trainers.finetune_schedule.pretrain_schedule`), the DKFZ fine-tuning recipe
   with a transfer, nnU-Net's from-scratch schedule without (:func:`~nnpre_trainers.finetune_schedule.default_schedule`).
 
-Every task shares one optimisation step (:func:`nnpre_trainers.train_step.train_step`: AMP, clip 12, step).
+Every task shares one optimisation step (:func:`nnpre_trainers.train_step.train_step`: AMP, the schedule's gradient
+clip — nnU-Net's 12 unless the schedule says otherwise —, step). A task may also set, as data, the run's default
+length (``training_length``), schedule (``default_schedule``) and foreground oversampling
+(``foreground_oversampling``) — detection does, from nnDetection's recipe — and pick ``checkpoint_best`` by its
+own validation metric through :meth:`nnPreTrainer.end_loss_epoch` / :meth:`nnPreTrainer.select_best` (the best
+value is kept in checkpoints and restored on ``--c``).
 Plumbing kept from nnU-Net and extended: training length from the preset recorded in the plans; DDP also on
 CPU (gloo); atomic checkpoints holding plain values only, read with ``weights_only=True``; a tqdm bar per
 epoch; seeded, reproducible loaders (:mod:`nnpre_trainers.loaders`). No setting comes from environment
@@ -57,7 +62,7 @@ from nnpre_trainers.loaders import start_augmenters
 from nnpre_trainers.run_folder import RunLock, finished_checkpoint, remove_stale_temp_files
 from nnpre_trainers.stage_controller import StageController
 from nnpre_trainers.tasks.base import TaskContext, TrainingTask, get_task
-from nnpre_trainers.train_step import GRAD_CLIP, amp_dtype, make_grad_scaler, train_step
+from nnpre_trainers.train_step import amp_dtype, make_grad_scaler, train_step
 from nnpre_trainers.transfer_step import EncoderTransfer
 
 #: Seed of the few-label subset permutation (nnU-Net's split seed).
@@ -90,6 +95,19 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_plain(v) for k, v in obj.items()}
     return obj
+
+
+def improves(value: float, best: Optional[float], mode: str = "min") -> bool:
+    """Whether a validation ``value`` beats ``best`` (``mode`` ``"min"``: lower is better, ``"max"``: higher);
+    NaN never does; anything non-NaN beats no best (None or NaN)."""
+    if mode not in ("min", "max"):
+        fail(f"a monitored metric's mode must be 'min' or 'max', got {mode!r}")
+    value = float(value)
+    if value != value:
+        return False
+    if best is None or best != best:
+        return True
+    return value < best if mode == "min" else value > best
 
 
 def pretrained_tag(path: str) -> str:
@@ -182,7 +200,6 @@ class nnPreTrainer(nnUNetTrainer):
 
     task_name: ClassVar[str] = "segmentation"
     pretext_name: ClassVar[Optional[str]] = None
-    grad_clip: ClassVar[float] = GRAD_CLIP
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -191,17 +208,12 @@ class nnPreTrainer(nnUNetTrainer):
             # nnU-Net forces cuda:<rank> under DDP; gloo on CPU needs the CPU device and no grad scaler.
             self.device = torch.device("cpu")
             self.grad_scaler = None
-        preset = preset_from_plans(self.plans_manager.plans)
-        self.preset = preset  # make_trainer(preset=...) replaces it; pretext_overrides come from it
-        self.num_epochs = preset.num_epochs
-        self.num_iterations_per_epoch = preset.iterations_per_epoch
-        self.num_val_iterations_per_epoch = preset.val_iterations_per_epoch
-        self.save_every = preset.save_every
+        self.task: Optional[TrainingTask] = None
+        self.use_preset(preset_from_plans(self.plans_manager.plans))  # make_trainer(preset=...) calls it again
         self.enable_deep_supervision = False
         self.show_progress = True
         self.iteration_in_epoch = 0
         self.seed = DEFAULT_SEED
-        self.task: Optional[TrainingTask] = None
         self.transfer: Optional[EncoderTransfer] = None
         self.adapter = None
         self.schedule: Optional[FinetuneSchedule] = None
@@ -212,6 +224,8 @@ class nnPreTrainer(nnUNetTrainer):
         self._restoring = False
         self._resume_stage: Optional[int] = None
         self._resumed = False
+        # checkpoint_best's metric: {"key", "mode", "value", "epoch"} of the best epoch so far (select_best)
+        self.best_metric: Dict[str, Any] = {}
         self.overwrite = False  # True: a new run may replace a finished one (nnPre_train --overwrite)
         # Mixed precision (nnpre_trainers.train_step.amp_dtype): "auto" = nnU-Net's (fp16 + GradScaler on CUDA,
         # fp32 on CPU), "off", "fp16" (CUDA), "bf16". nnPre_train --amp.
@@ -222,6 +236,19 @@ class nnPreTrainer(nnUNetTrainer):
         self._lock: Optional[RunLock] = None
 
     # -- composition -----------------------------------------------------------------------------------------
+    def use_preset(self, preset) -> None:
+        """Train with ``preset`` (:class:`nnpre.presets.Preset`): its pretext defaults and its training length, or,
+        when the task (the composed one, else the alias's default) has ``training_length(preset) -> (epochs,
+        iterations, val_iterations, save_every)``, that length (detection: nnDetection's recipe, 60 x 2500)."""
+        self.preset = preset
+        length = (preset.num_epochs, preset.iterations_per_epoch, preset.val_iterations_per_epoch, preset.save_every)
+        if self.pretext_name is None:
+            hook = getattr(self.task or self.default_task(), "training_length", None)
+            if hook is not None:
+                length = hook(preset)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch, self.save_every = \
+            (int(v) for v in length)
+
     def default_task(self) -> TrainingTask:
         """The alias's task: the pretext task ``pretext_name`` or the fine-tuning task ``task_name``."""
         if self.pretext_name is not None:
@@ -389,6 +416,9 @@ class nnPreTrainer(nnUNetTrainer):
             yield k, np.asarray(ds.load_case(k)[1])
 
     def _default_schedule(self) -> FinetuneSchedule:
+        make = getattr(self.task, "default_schedule", None)  # a task's own recipe (detection: nnDetection's)
+        if make is not None:
+            return make(self)
         if self.task.recipe == "pretrain":
             return pretrain_schedule(self.total_iterations, self.num_iterations_per_epoch, base_lr=self.initial_lr)
         preset = preset_from_plans(self.plans_manager.plans)
@@ -409,6 +439,9 @@ class nnPreTrainer(nnUNetTrainer):
             self.task = self.default_task()
         amp_dtype(self.amp, self.device)  # an impossible mode (fp16 on CPU) stops here with one line
         self.grad_scaler = make_grad_scaler(self.device, self.amp)
+        oversample = getattr(self.task, "foreground_oversampling", None)  # before nnU-Net splits it over DDP ranks
+        if oversample is not None:
+            self.oversample_foreground_percent = float(oversample(self))
         self._set_batch_size_and_oversample()
         self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                                self.dataset_json)
@@ -433,7 +466,8 @@ class nnPreTrainer(nnUNetTrainer):
         remapped = bool((self.transfer_record or {}).get("stem_remapped"))
         self.stages = StageController(self.schedule, lambda: parameter_groups(self.unwrapped_network, remapped),
                                       keep_requires_grad=self.is_ddp, log=self.print_to_log_file,
-                                      may_train=getattr(self.adapter, "is_trainable", None))
+                                      may_train=getattr(self.adapter, "is_trainable", None),
+                                      network=lambda: self.unwrapped_network)
         self.optimizer = self.stages.start(self.global_iteration, self._resume_stage if self._restoring else None)
         self.lr_scheduler = None
         if self.is_ddp:
@@ -569,6 +603,10 @@ class nnPreTrainer(nnUNetTrainer):
         super().on_train_start()
 
     def on_train_end(self):
+        """A schedule with a weight-averaging stage (SWA) makes the average the final weights first, so
+        ``checkpoint_final.pth`` (written by nnU-Net's ``on_train_end``) holds the average."""
+        if self.stages is not None:
+            self.stages.finish()
         super().on_train_end()
         self.release_run_folder()
 
@@ -592,7 +630,7 @@ class nnPreTrainer(nnUNetTrainer):
         inputs = self.task.prepare_batch(batch, self.device)
         self.network.train()
         return train_step(self.network, self.optimizer, lambda: self.task.compute_losses(self.network, inputs),
-                          self.device, self.grad_scaler, self.grad_clip,
+                          self.device, self.grad_scaler, self.schedule.grad_clip,
                           where=f"{self.task.name}, epoch {self.current_epoch}, cases {batch.get('keys')}",
                           amp=self.amp)
 
@@ -619,9 +657,11 @@ class nnPreTrainer(nnUNetTrainer):
             loss = float(t.item()) / dist.get_world_size()
         self.logger.log("val_losses", loss, self.current_epoch)
 
-    def end_loss_epoch(self) -> None:
-        """Log the epoch's losses and time; save ``checkpoint_latest`` every ``save_every`` epochs and
-        ``checkpoint_best`` on the lowest finite validation loss. Does not advance ``current_epoch``."""
+    def end_loss_epoch(self, monitor: Optional[Tuple[str, float, str]] = None) -> None:
+        """Log the epoch's losses and time; ``checkpoint_best`` by ``monitor`` = ``(key, value, mode)``
+        (:meth:`select_best`; default the validation loss, ``("val_loss", <mean val loss>, "min")``); then
+        ``checkpoint_latest`` every ``save_every`` epochs (after the best, so it holds the updated best value).
+        Does not advance ``current_epoch``."""
         from time import time
 
         self.logger.log("epoch_end_timestamps", time(), self.current_epoch)
@@ -629,12 +669,30 @@ class nnPreTrainer(nnUNetTrainer):
         tr, va = float(log["train_losses"][-1]), float(log["val_losses"][-1])
         self.print_to_log_file(f"train_loss {tr:.4f}  val_loss {va:.4f}  epoch time "
                                f"{log['epoch_end_timestamps'][-1] - log['epoch_start_timestamps'][-1]:.1f} s")
+        key, value, mode = monitor if monitor is not None else ("val_loss", va, "min")
+        self.select_best(value, key, mode)
         e = self.current_epoch
         if (e + 1) % self.save_every == 0 and e != self.num_epochs - 1:
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
-        if np.isfinite(va) and (self._best_ema is None or va < self._best_ema):
-            self._best_ema = va
-            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
+
+    def select_best(self, value: float, key: str = "val_loss", mode: str = "min") -> bool:
+        """Save ``checkpoint_best.pth`` if ``value`` of validation metric ``key`` beats the best epoch so far
+        (``mode`` ``"min"`` or ``"max"``; NaN never does; a different ``key`` than the stored best's starts anew).
+
+        The best (``best_metric``: key, mode, value, epoch) is written into every checkpoint (``nnpre_best``)
+        and restored by :meth:`load_checkpoint`, so a resumed run never replaces ``checkpoint_best`` with a worse
+        epoch. For ``val_loss`` nnU-Net's ``_best_ema`` is kept equal to it (stock checkpoint field).
+        Returns whether this epoch is the new best.
+        """
+        best = self.best_metric.get("value") if self.best_metric.get("key") == key else None
+        if not improves(value, best, mode):
+            return False
+        self.best_metric = {"key": key, "mode": mode, "value": float(value), "epoch": int(self.current_epoch)}
+        if key == "val_loss":
+            self._best_ema = float(value)
+        self.print_to_log_file(f"new best {key}: {float(value):.4f}")
+        self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
+        return True
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def run_record(self) -> Dict[str, Any]:
@@ -666,6 +724,8 @@ class nnPreTrainer(nnUNetTrainer):
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "logging": to_plain(self.logger.get_checkpoint()),
             "_best_ema": to_plain(self._best_ema),
+            "nnpre_best": to_plain(self.best_metric),
+            "nnpre_stages": self.stages.state_dict() if self.stages is not None else None,
             "current_epoch": self.current_epoch + 1,
             "init_args": to_plain(self.my_init_kwargs),
             "trainer_name": self.__class__.__name__,
@@ -710,10 +770,14 @@ class nnPreTrainer(nnUNetTrainer):
         self.my_init_kwargs = ck.get("init_args", self.my_init_kwargs)
         self.logger.load_checkpoint(ck["logging"])
         self._best_ema = ck.get("_best_ema")
+        # checkpoint_best's metric; checkpoints without it knew only nnU-Net's lowest validation loss
+        self.best_metric = dict(ck.get("nnpre_best") or (
+            {"key": "val_loss", "mode": "min", "value": float(self._best_ema)} if self._best_ema is not None else {}))
         self.inference_allowed_mirroring_axes = ck.get("inference_allowed_mirroring_axes",
                                                        self.inference_allowed_mirroring_axes)
         self.unwrapped_network.load_state_dict(strip_prefixes(ck["network_weights"]))
         self.optimizer.load_state_dict(ck["optimizer_state"])
+        self.stages.load_state_dict(ck.get("nnpre_stages"))  # e.g. the SWA average of a run resumed mid-SWA
         self.stages.set_lr(self.global_iteration)
         if self.grad_scaler is not None and ck.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(ck["grad_scaler_state"])

@@ -218,3 +218,118 @@ def test_detection_same_seed_bit_identical_on_cpu(nnunet_root):
         t.run_training()
         sds.append({k: v.clone() for k, v in t.unwrapped_network.state_dict().items()})
     assert all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_detection_recipe_schedule_swa_and_best_metric_resume(nnunet_root, monkeypatch):
+    """nnPre_train detect trains nnDetection's recipe (tiny: 3 main epochs of 2 iterations, warm-up 3, 2 SWA
+    epochs): the LR of every step is ``DetectionRecipe.lr_at``, SGD 0.9 with no weight decay on norms, no
+    clipping, the recipe's oversampling in the loaders, checkpoint_final = the mean of the SWA snapshots;
+    interrupted mid-warm-up, mid-poly and mid-SWA and resumed with --c (maybe_resume), and checkpoint_best (by the
+    monitored metric, scripted per epoch) is not replaced by a worse epoch after a resume."""
+    torch.set_num_threads(1)
+    from nnpre_testdata import write_raw_dataset
+
+    import nnpre_trainers.trainer as trainer_mod
+    from nnpre_detection.recipe import NNDET_V001
+    from nnpre_detection.task import DetectionTask
+    from nnpre_detection.trainer import nnPreDetectionTrainer
+    from nnpre_trainers.run import make_trainer, maybe_resume
+    from planners.pipeline import plan_dataset
+
+    write_raw_dataset(nnunet_root, did=49, n_cases=3)
+    plan_dataset(49, preset="cpu-tiny", num_processes=1)
+
+    # default lengths: the preset's recipe (cpu-tiny overrides) or nnDetection's (gpu), fitted to --epochs
+    t = make_trainer(nnPreDetectionTrainer, 49, "nnPreResEncLPlans", fold="all", device="cpu")
+    length = lambda t: (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch, t.save_every)  # noqa
+    assert length(t) == (4, 10, 2, 1)
+    t = make_trainer(nnPreDetectionTrainer, 49, "nnPreResEncLPlans", fold="all", device="cpu", preset="gpu")
+    assert length(t) == (60, 2500, 100, 5)
+    t.configure_detection()
+    assert t.task.default_schedule(t) == NNDET_V001.schedule() and t.task.foreground_oversampling(t) == 0.5
+    t = make_trainer(nnPreDetectionTrainer, 49, "nnPreResEncLPlans", fold="all", device="cpu", preset="gpu",
+                     epochs=6, iterations=10)
+    t.configure_detection()
+    assert t.task.default_schedule(t) == NNDET_V001.fitted(6, 10).schedule()
+
+    recipe = NNDET_V001.replace(num_epochs=3, iterations_per_epoch=2, warm_iterations=3, swa_epochs=2,
+                                val_iterations_per_epoch=1, oversample_foreground_percent=0.7)
+    script = [0.1, 0.5, 0.2, 0.3, 0.4]  # monitored validation metric per epoch: best = epoch 1
+
+    class ScriptedTask(DetectionTask):
+        def on_validation_epoch_end(self, trainer, outputs):
+            super().on_validation_epoch_end(trainer, outputs)  # the real patch evaluation runs
+            self.val_metric = script[trainer.current_epoch]
+
+    seen = {"lr": {}, "clip": set(), "snap": {}, "oversample": [], "opt": []}
+    real_step, real_loader = trainer_mod.train_step, trainer_mod.nnUNetDataLoader
+    holder = {}
+
+    def spy(network, optimizer, fn, device, scaler, clip, **kw):
+        it = holder["t"].global_iteration
+        seen["lr"][it] = [g["lr"] for g in optimizer.param_groups]
+        seen["clip"].add(clip)
+        seen["opt"].append((type(optimizer).__name__, [(g["momentum"], g["nesterov"], g["weight_decay"])
+                                                       for g in optimizer.param_groups]))
+        if it in (6, 8):  # SWA epoch starts: the weights before the step are the snapshot
+            seen["snap"][it] = {k: v.detach().clone() for k, v in holder["t"].unwrapped_network.named_parameters()}
+        if it == holder.get("stop"):
+            raise _Stop()
+        return real_step(network, optimizer, fn, device, scaler, clip, **kw)
+
+    class SpyLoader(real_loader):
+        def __init__(self, *a, **kw):
+            seen["oversample"].append(kw["oversample_foreground_percent"])
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "train_step", spy)
+    monkeypatch.setattr(trainer_mod, "nnUNetDataLoader", SpyLoader)
+
+    def run(stop, resume):
+        t = make_trainer(nnPreDetectionTrainer, 49, "nnPreResEncLPlans", fold="all", device="cpu", epochs=5,
+                         iterations=2, continue_training=resume)
+        t.num_val_iterations_per_epoch, t.save_every, t.show_progress = 1, 1, False
+        t.configure_finetuning(from_scratch=True, tag="recipe", task=ScriptedTask(
+            training_recipe=recipe, plan_anchors=False, head_channels=8))
+        t.seed = 0
+        if resume:
+            assert maybe_resume(t).endswith("checkpoint_latest.pth")
+        holder.update(t=t, stop=stop)
+        try:
+            t.run_training()
+        except _Stop:
+            return t, False
+        return t, True
+
+    for stop, resume in ((2, False), (4, True), (8, True)):  # mid-warm-up, mid-poly, mid-SWA
+        t, done = run(stop, resume)
+        assert not done
+        latest = trainer_mod.safe_load(os.path.join(t.output_folder, "checkpoint_latest.pth"))
+        assert latest["current_epoch"] == stop // 2
+    latest = trainer_mod.safe_load(os.path.join(t.output_folder, "checkpoint_latest.pth"))
+    assert latest["nnpre_stages"]["average"]["n"] == 1  # the SWA average travels in the checkpoint
+    t, done = run(None, True)
+    assert done and t.current_epoch == 5
+
+    assert sorted(seen["lr"]) == list(range(10))
+    for it, lrs in seen["lr"].items():
+        assert lrs == pytest.approx([recipe.lr_at(it)] * 2, rel=1e-12), it
+    assert seen["clip"] == {None}
+    assert {o for o, _ in seen["opt"]} == {"SGD"} and all(g == [(0.9, True, 3e-5), (0.9, True, 0.0)]
+                                                          for _, g in seen["opt"])
+    assert seen["oversample"] and set(seen["oversample"]) == {0.7} and t.oversample_foreground_percent == 0.7
+
+    final = torch.load(os.path.join(t.output_folder, "checkpoint_final.pth"), weights_only=True)
+    snaps = seen["snap"]
+    assert not all(torch.equal(snaps[6][k], snaps[8][k]) for k in snaps[6])
+    for k, v in snaps[6].items():
+        assert torch.allclose(final["network_weights"][k], (v + snaps[8][k]) / 2, atol=1e-6), k
+    assert final["nnpre_run"]["schedule"]["stages"][-1]["name"] == "swa"
+
+    best = torch.load(os.path.join(t.output_folder, "checkpoint_best.pth"), weights_only=True)
+    assert best["current_epoch"] == 2 and best["nnpre_best"]["value"] == 0.5
+    assert best["nnpre_best"]["key"] == recipe.monitor_key and final["nnpre_best"]["epoch"] == 1

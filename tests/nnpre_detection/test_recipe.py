@@ -1,11 +1,14 @@
-"""nnDetection v001 training recipe: constants, warm-up/poly/SWA learning rates by hand, no weight decay on norms,
-SWA averaging."""
+"""nnDetection v001 training recipe: constants, warm-up/poly/SWA learning rates by hand, the stage schedule that
+reproduces them, optimizer groups (no weight decay on norms), fitting to other run lengths, preset overrides."""
 import pytest
 import torch
 from torch import nn
 
 from nnpre.errors import NnPreError
-from nnpre_detection.recipe import NNDET_V001, DetectionRecipe, SWAAverager
+from nnpre.presets import get_preset
+from nnpre_detection.recipe import NNDET_V001, DetectionRecipe, recipe_for_preset
+from nnpre_trainers.finetune_schedule import parameter_groups
+from nnpre_trainers.stage_controller import StageController
 
 
 def test_v001_constants():
@@ -13,6 +16,7 @@ def test_v001_constants():
     assert (r.optimizer, r.initial_lr, r.momentum, r.nesterov, r.weight_decay) == ("sgd", 1e-2, 0.9, True, 3e-5)
     assert (r.warm_iterations, r.warm_lr, r.poly_gamma, r.swa_epochs) == (4000, 1e-6, 0.9, 10)
     assert (r.num_epochs, r.iterations_per_epoch, r.oversample_foreground_percent) == (50, 2500, 0.5)
+    assert r.val_iterations_per_epoch == 100 and r.no_weight_decay_on_norm
     assert r.monitor_key == "mAP_IoU_0.10_0.50_0.05_MaxDet_100" and r.monitor_mode == "max"
     assert r.grad_clip is None and r.total_epochs == 60
 
@@ -32,42 +36,93 @@ def test_lr_schedule_by_hand():
     assert r.swa_update_epochs() == [2]
 
 
-def test_no_weight_decay_on_norm_layers_and_optimizer():
-    net = nn.Sequential(nn.Conv3d(1, 4, 3), nn.InstanceNorm3d(4, affine=True), nn.GroupNorm(2, 4), nn.Conv3d(4, 1, 1))
-    groups = NNDET_V001.param_groups(net)
-    decayed = {id(p) for p in groups[0]["params"]}
-    assert decayed == {id(p) for i in (0, 3) for p in net[i].parameters()}  # conv weights and biases
-    assert groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == 4
-    opt = NNDET_V001.make_optimizer(net)
-    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
-    assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["lr"] == pytest.approx(1e-6 + (1e-2 - 1e-6) / 4000)
-    assert NNDET_V001.set_lr(opt, 10 ** 6) == pytest.approx(NNDET_V001.lr_at(10 ** 6))
-    assert isinstance(NNDET_V001.replace(optimizer="adamw").make_optimizer(net), torch.optim.AdamW)
+@pytest.mark.parametrize("recipe", [
+    DetectionRecipe(warm_iterations=5, num_epochs=3, iterations_per_epoch=4, swa_epochs=2),
+    DetectionRecipe(warm_iterations=0, num_epochs=2, iterations_per_epoch=3, swa_epochs=0, poly_gamma=1.0),
+    DetectionRecipe(warm_iterations=11, num_epochs=3, iterations_per_epoch=4, swa_epochs=1)])
+def test_schedule_reproduces_lr_at_everywhere(recipe):
+    """The stage schedule (generic LR rules) gives nnDetection's scheduler value at every iteration."""
+    sched = recipe.schedule()
+    assert [sched.lr_at(i) for i in range(recipe.total_iterations)] == pytest.approx(
+        [recipe.lr_at(i) for i in range(recipe.total_iterations)], rel=1e-12)
+    names = [s.name for s in sched.stages]
+    assert names == (["main", "swa"] if recipe.swa_epochs else ["main"])
+    assert sched.total_iterations == recipe.total_iterations and sched.grad_clip is None
+    if recipe.swa_epochs:
+        swa = sched.stages[-1]
+        assert swa.keep_optimizer and swa.average_every == recipe.iterations_per_epoch
+        assert sched.boundaries()[-1] == (recipe.main_iterations, recipe.total_iterations)
 
 
-def test_monitor_and_bad_fields():
-    assert NNDET_V001.is_better(0.3, None) and NNDET_V001.is_better(0.3, 0.2) and not NNDET_V001.is_better(0.1, 0.2)
-    assert not NNDET_V001.is_better(float("nan"), 0.2) and NNDET_V001.is_better(0.1, float("nan"))
+def test_v001_schedule_at_chosen_iterations():
+    sched = NNDET_V001.schedule()
+    for i in (0, 1, 1999, 3999, 4000, 4001, 60000, 124998, 124999, 125000, 126249, 127499, 127500, 149999):
+        assert sched.lr_at(i) == pytest.approx(NNDET_V001.lr_at(i), rel=1e-12), i
+    assert sched.lr_at(0) == pytest.approx(1e-6 + (1e-2 - 1e-6) / 4000)
+    assert sched.lr_at(3999) == pytest.approx(1e-2)
+    assert sched.lr_at(125000) == pytest.approx(1e-5) and sched.lr_at(127500) == pytest.approx(1e-5)
+
+
+def test_optimizer_groups_no_weight_decay_on_norm_layers():
+    net = nn.Module()
+    net.encoder = nn.Sequential(nn.Conv3d(1, 4, 3), nn.InstanceNorm3d(4, affine=True))
+    net.decoder = nn.Sequential(nn.GroupNorm(2, 4), nn.Conv3d(4, 1, 1))
+    c = StageController(NNDET_V001.schedule(), lambda: parameter_groups(net, False), log=lambda s: None,
+                        network=lambda: net)
+    opt = c.start(0)
+    assert isinstance(opt, torch.optim.SGD) and len(opt.param_groups) == 2
+    decayed, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    assert decayed == {id(p) for m in (net.encoder[0], net.decoder[1]) for p in m.parameters()}  # conv w + b
+    assert no_decay == {id(p) for m in (net.encoder[1], net.decoder[0]) for p in m.parameters()}
+    assert [g["weight_decay"] for g in opt.param_groups] == [3e-5, 0.0]
+    assert all(g["momentum"] == 0.9 and g["nesterov"] for g in opt.param_groups)
+    assert all(g["lr"] == pytest.approx(NNDET_V001.lr_at(0)) for g in opt.param_groups)
+    tiny = recipe_for_preset(get_preset("cpu-tiny")).schedule()
+    opt = StageController(tiny, lambda: parameter_groups(net, False), log=lambda s: None, network=lambda: net).start(0)
+    assert isinstance(opt, torch.optim.AdamW) and [g["weight_decay"] for g in opt.param_groups] == [3e-5, 0.0]
+
+
+def test_fitted_to_other_run_lengths():
+    assert NNDET_V001.fitted(60, 2500) is NNDET_V001
+    r = NNDET_V001.fitted(6, 10)  # SWA keeps 10 / 60 of the epochs, the warm-up 3.2 % of the main phase
+    assert (r.num_epochs, r.swa_epochs, r.iterations_per_epoch, r.warm_iterations) == (5, 1, 10, 2)
+    r = NNDET_V001.fitted(60, 250)
+    assert (r.num_epochs, r.swa_epochs, r.warm_iterations) == (50, 10, 400)
+    assert NNDET_V001.fitted(2, 5).swa_epochs == 1 and NNDET_V001.fitted(1, 5).swa_epochs == 0
+    assert NNDET_V001.replace(swa_epochs=0).fitted(7, 3).swa_epochs == 0
+    with pytest.raises(NnPreError, match=">= 1 epoch"):
+        NNDET_V001.fitted(0, 5)
+
+
+def test_pretrained_schedule_keeps_the_dkfz_decoder_stage():
+    r = NNDET_V001.replace(num_epochs=10, iterations_per_epoch=10, swa_epochs=2, warm_iterations=3)
+    sched = r.schedule(pretrained=True)
+    assert [s.name for s in sched.stages] == ["decoder_warmup", "whole_network", "swa"]
+    assert sched.boundaries() == [(0, 5), (5, 100), (100, 120)]  # 5 % of the 100 main iterations
+    assert "encoder" not in sched.stages[0].trains and "encoder" in sched.stages[1].trains
+    assert sched.lr_at(0) == pytest.approx(1e-6 + (1e-2 - 1e-6) / 3)  # decoder warm-up over half its stage
+    assert sched.lr_at(5) == pytest.approx(1e-6 + (1e-2 - 1e-6) / 5)  # whole network re-warmed over 5 %
+    assert sched.lr_at(9) == pytest.approx(1e-2)
+    assert [sched.lr_at(i) for i in range(100, 120)] == pytest.approx([r.lr_at(i) for i in range(100, 120)])
+    # too short for a decoder stage: the scratch structure
+    assert [s.name for s in NNDET_V001.replace(num_epochs=1, iterations_per_epoch=20).schedule(True).stages] == \
+        ["main", "swa"]
+
+
+def test_preset_overrides_and_bad_fields():
+    assert recipe_for_preset(get_preset("gpu")) == NNDET_V001
+    tiny = recipe_for_preset(get_preset("cpu-tiny"))
+    assert (tiny.optimizer, tiny.initial_lr, tiny.swa_epochs, tiny.warm_iterations, tiny.grad_clip) == \
+        ("adamw", 3e-3, 0, 0, 12.0)
+    assert tiny.oversample_foreground_percent == 0.5 and tiny.momentum == NNDET_V001.momentum
+    sched = tiny.schedule()
+    assert [s.name for s in sched.stages] == ["main"] and sched.grad_clip == 12.0
     with pytest.raises(NnPreError, match="unknown detection recipe"):
         NNDET_V001.replace(lr=1)
     with pytest.raises(NnPreError, match="optimizer"):
         DetectionRecipe(optimizer="adam")
-
-
-def test_swa_average_of_snapshots():
-    net = nn.Linear(2, 1)
-    avg = SWAAverager(net)
-    with pytest.raises(NnPreError, match="never called"):
-        avg.copy_to(net)
-    snaps = []
-    for v in (1.0, 2.0, 6.0):
-        with torch.no_grad():
-            net.weight.fill_(v)
-            net.bias.fill_(-v)
-        avg.update(net)
-        snaps.append(v)
-    avg.copy_to(net)
-    assert torch.allclose(net.weight, torch.full((1, 2), 3.0)) and torch.allclose(net.bias, torch.tensor([-3.0]))
+    with pytest.raises(NnPreError, match="oversample"):
+        DetectionRecipe(oversample_foreground_percent=1.5)
 
 
 def test_preset_detector_overrides():

@@ -165,3 +165,42 @@ def test_optimizer_choice_is_data_and_round_trips():
     assert FinetuneSchedule.from_dict(adam.to_dict()) == adam
     with pytest.raises(ValueError, match="optimizer must be one of"):
         default_schedule(10, optimizer="lamb")
+
+
+def test_lr_rule_start_lr_step_offset_and_cycle_by_hand():
+    # nnDetection-style: warm-up from 0.1 over 2, then poly (gamma 1) with the scheduler's +1 step, clamped
+    s = FinetuneSchedule(stages=(Stage("a", None, ("encoder",), LRRule(warmup=2, warmup_start_lr=0.1, step_offset=1,
+                                                                       exponent=1.0)),),
+                         total_iterations=7, base_lr=1.0)
+    assert [s.lr_at(i) for i in range(7)] == pytest.approx([0.55, 1.0, 0.8, 0.6, 0.4, 0.2, 0.2])
+    cyc = LRRule(peak_lr=1.0, decay="cyclic", cycle_length=4, cycle_start_lr=0.2)
+    s = FinetuneSchedule(stages=(Stage("c", None, ("encoder",), cyc),), total_iterations=9)
+    assert [s.lr_at(i) for i in range(9)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.2, 0.4, 0.6, 0.8, 0.2])
+    with pytest.raises(ValueError, match="cycle_length"):
+        LRRule(decay="cyclic")
+    with pytest.raises(ValueError, match="step_offset"):
+        LRRule(step_offset=2)
+
+
+def test_keep_optimizer_and_clip_validation_and_round_trip():
+    a = Stage("a", 5, ("encoder", "decoder"))
+    with pytest.raises(ValueError, match="same"):
+        FinetuneSchedule(stages=(a, Stage("b", None, ("decoder",), keep_optimizer=True)), total_iterations=10)
+    with pytest.raises(ValueError, match="first stage"):
+        FinetuneSchedule(stages=(Stage("b", None, ("decoder",), keep_optimizer=True),), total_iterations=10)
+    with pytest.raises(ValueError, match="grad_clip"):
+        FinetuneSchedule(stages=(a, Stage("b", None, ("decoder",))), total_iterations=10, grad_clip=0)
+    with pytest.raises(ValueError, match="average_every"):
+        Stage("b", None, ("decoder",), average_every=0)
+    s = FinetuneSchedule(stages=(a, Stage("b", None, ("decoder", "encoder"), LRRule(decay="cyclic", cycle_length=2),
+                                          keep_optimizer=True, average_every=2)),
+                         total_iterations=10, grad_clip=None, no_weight_decay_on_norm=True)
+    back = FinetuneSchedule.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert back == s and back.grad_clip is None and back.stages[1].average_every == 2
+    old = s.to_dict()
+    del old["grad_clip"], old["no_weight_decay_on_norm"]
+    for st in old["stages"]:
+        del st["keep_optimizer"], st["average_every"]
+    st = old["stages"][1]
+    st["lr"] = {"peak_lr": None, "warmup": 0, "decay": "poly", "exponent": 0.9}
+    assert FinetuneSchedule.from_dict(old).grad_clip == 12.0  # checkpoints written before these fields

@@ -87,3 +87,80 @@ def test_adapter_frozen_parameters_stay_frozen_under_ddp_keep_requires_grad():
         frozen = {n: p.requires_grad for n, p in net.named_parameters() if not rule(n)}
         assert frozen and not any(frozen.values()), (it, frozen)
         assert all(p.requires_grad for n, p in net.named_parameters() if rule(n))  # DDP's keep rule elsewhere
+
+
+def _swa_schedule(total=12, main=6, every=3):
+    from nnpre_trainers.finetune_schedule import ALL_GROUPS, FinetuneSchedule, LRRule, Stage
+
+    return FinetuneSchedule(stages=(Stage("main", main, ALL_GROUPS, LRRule(warmup=2)),
+                                    Stage("swa", None, ALL_GROUPS, LRRule(peak_lr=1e-3, decay="cyclic",
+                                                                          cycle_length=every, cycle_start_lr=1e-5),
+                                          keep_optimizer=True, average_every=every)),
+                            total_iterations=total, base_lr=1e-2, momentum=0.9, grad_clip=None)
+
+
+def _step(net, opt):
+    opt.zero_grad()
+    sum((p ** 2).sum() for p in net.parameters()).backward()
+    opt.step()
+
+
+def test_keep_optimizer_stage_continues_the_optimizer_and_averages_snapshots():
+    """The SWA stage keeps the optimizer (momentum state) and averages the weights at its epoch starts; finish()
+    makes the equal-weight mean of exactly those snapshots the network's weights."""
+    torch.manual_seed(0)
+    net = TinyUNet()
+    sched = _swa_schedule()
+    c = StageController(sched, lambda: parameter_groups(net, False), log=lambda s: None, network=lambda: net)
+    opt0 = c.start(0)
+    snaps = []
+    for it in range(12):
+        opt = c.enter(it)
+        if it in (6, 9):  # first iteration of each SWA "epoch": the weights before its step
+            snaps.append({n: p.detach().clone() for n, p in net.named_parameters()})
+        _step(net, opt)
+    assert opt is opt0 and c.switches == [(0, 0)]  # no new optimizer for the SWA stage
+    assert c.average.n == 2 and c.average.last_iteration == 9
+    assert c.finish() and c.average is None
+    for n, p in net.named_parameters():
+        assert torch.allclose(p, (snaps[0][n] + snaps[1][n]) / 2), n
+
+
+def test_weight_average_resumes_from_its_state():
+    """A run interrupted inside the SWA stage and resumed from its state ends with the same average."""
+    torch.manual_seed(0)
+    ref_net = TinyUNet()
+    init = {k: v.clone() for k, v in ref_net.state_dict().items()}
+    sched = _swa_schedule()
+    ref = StageController(sched, lambda: parameter_groups(ref_net, False), log=lambda s: None,
+                          network=lambda: ref_net)
+    for it in range(12):
+        _step(ref_net, ref.enter(it))
+    ref.finish()
+
+    net = TinyUNet()
+    net.load_state_dict(init)
+    c = StageController(sched, lambda: parameter_groups(net, False), log=lambda s: None, network=lambda: net)
+    for it in range(8):  # stop inside the SWA stage (after one snapshot)
+        _step(net, c.enter(it))
+    state, opt_state = c.state_dict(), c.optimizer.state_dict()
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    assert state["average"]["n"] == 1
+
+    net2 = TinyUNet()
+    c2 = StageController(sched, lambda: parameter_groups(net2, False), log=lambda s: None, network=lambda: net2)
+    c2.start(8, stage_index=1)
+    net2.load_state_dict(weights)
+    c2.optimizer.load_state_dict(opt_state)
+    c2.load_state_dict(state)
+    for it in range(8, 12):
+        _step(net2, c2.enter(it))
+    assert c2.average.n == 2 and c2.finish()
+    for (n, p), q in zip(net2.named_parameters(), ref_net.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_schedule_needing_the_network_says_so():
+    net = TinyUNet()
+    with pytest.raises(ValueError, match="network="):
+        StageController(_swa_schedule(), lambda: parameter_groups(net, False), log=lambda s: None)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from nnpre_detection.boxes import box_center, box_iou, corners
+from nnpre_detection.boxes import box_center, box_pair_iou, corners
 
 #: Matched index of anchors that are background.
 BACKGROUND = -1
@@ -64,8 +64,7 @@ class ATSSMatcher:
         if gt_boxes.shape[0] == 0 or num_anchors == 0:
             return matched
         gt = gt_boxes.to(device=anchors.device, dtype=torch.float32)
-        iou = box_iou(gt, anchors)  # (G, A)
-        dist = torch.cdist(box_center(gt), box_center(anchors.float()))  # (G, A)
+        dist = torch.cdist(box_center(gt), _centres(anchors))  # (G, A)
 
         candidates = []
         start = 0
@@ -77,7 +76,8 @@ class ATSSMatcher:
                 candidates.append(dist[:, start:start + count].topk(k, dim=1, largest=False).indices + start)
             start += count
         cand = torch.cat(candidates, dim=1)  # (G, K)
-        cand_iou = iou.gather(1, cand)
+        # IoU of the candidates only (G x K pairs instead of G x A; same values as box_iou)
+        cand_iou = box_pair_iou(gt.repeat_interleave(cand.shape[1], dim=0), anchors[cand.flatten()]).view(cand.shape)
         std = cand_iou.std(dim=1) if cand.shape[1] > 1 else torch.zeros_like(cand_iou[:, 0])
         threshold = cand_iou.mean(dim=1) + std
         positive = cand_iou >= threshold[:, None]
@@ -88,10 +88,19 @@ class ATSSMatcher:
             inside = ((centres - lo[:, None]) > self.center_eps) & ((hi[:, None] - centres) > self.center_eps)
             positive &= inside.all(dim=2)
 
-        masked = torch.full_like(iou, float("-inf"))
-        rows = torch.arange(gt.shape[0], device=iou.device)[:, None].expand_as(cand)
+        masked = torch.full((gt.shape[0], num_anchors), float("-inf"), device=anchors.device)
+        rows = torch.arange(gt.shape[0], device=anchors.device)[:, None].expand_as(cand)
         masked[rows[positive], cand[positive]] = cand_iou[positive]
         best, best_idx = masked.max(dim=0)
         has_match = best > float("-inf")
         matched[has_match] = best_idx[has_match]
         return matched
+
+
+def _centres(boxes: torch.Tensor) -> torch.Tensor:
+    """(N, 6) boxes ``(x1, y1, x2, y2, z1, z2)`` -> (N, 3) float32 centres (x, y, z), as
+    :func:`~nnpre_detection.boxes.box_center` but from slices (no index copy of the anchors; the anchors of a
+    cpu-tiny patch are 10^5 rows and ATSS runs once per image)."""
+    b = boxes.float()
+    xy = (b[:, 0:2] + b[:, 2:4]) / 2
+    return torch.cat([xy, (b[:, 4:5] + b[:, 5:6]) / 2], dim=1)

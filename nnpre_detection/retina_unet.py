@@ -187,15 +187,21 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
         self._generator = torch.Generator().manual_seed(int(config.seed))
 
     # ----------------------------------------------------------------------------------------- forward
-    def head_outputs(self, images: torch.Tensor) -> Dict[str, object]:
+    def head_outputs(self, images: torch.Tensor, dense_box_deltas: bool = True) -> Dict[str, object]:
         """Run the network.
 
         Args:
             images: (B, C, X, Y, Z).
+            dense_box_deltas: compute ``box_deltas`` for every anchor (needed by :meth:`postprocess`). ``False``
+                (what the training forward uses): ``box_deltas`` is ``None`` and ``reg_towers`` holds the
+                regression towers' outputs, from which :meth:`compute_loss` evaluates the regressor's output conv
+                at the sampled positives only (:meth:`RegressionHead.deltas_at`; same values, a fraction of the
+                cost: the dense output conv has 6 x anchors-per-position channels on every level).
 
         Returns:
-            dict with ``cls_logits`` (B, A, num_classes), ``box_deltas`` (B, A, 6), ``seg_logits``
-            (B, 2, X0, Y0, Z0) on decoder level 0, ``anchors`` (A, 6) float32 and ``num_anchors_per_level``.
+            dict with ``cls_logits`` (B, A, num_classes), ``box_deltas`` (B, A, 6) or ``None``, ``reg_towers``
+            (list per level, only without dense deltas), ``seg_logits`` (B, 2, X0, Y0, Z0) on decoder level 0,
+            ``anchors`` (A, 6) float32 and ``num_anchors_per_level``.
         """
         if images.ndim != 5:
             raise ValueError(f"images must be (B, C, X, Y, Z), got shape {tuple(images.shape)}")
@@ -204,9 +210,11 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
         by_level = dict(zip(self.decoder.output_levels, levels))
         det = [by_level[lvl] for lvl in self.decoder_levels]
         anchors_per_level = self.anchor_generator(images.shape[2:], [f.shape[2:] for f in det], images.device)
+        reg = {"box_deltas": self.regressor(det)} if dense_box_deltas else {
+            "box_deltas": None, "reg_towers": self.regressor.towers(det)}
         return {
             "cls_logits": self.classifier(det),
-            "box_deltas": self.regressor(det),
+            **reg,
             "seg_logits": self.segmenter(by_level[0]),
             "anchors": torch.cat(anchors_per_level),
             "num_anchors_per_level": [a.shape[0] for a in anchors_per_level],
@@ -230,7 +238,7 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
             for i, t in enumerate(targets):
                 self._check_target(t, i, images.device)
                 self._seg_target(t, i, images.shape[2:], images.device)
-            return self.compute_loss(self.head_outputs(images), targets, generator)
+            return self.compute_loss(self.head_outputs(images, dense_box_deltas=False), targets, generator)
         return self.postprocess(self.head_outputs(images))
 
     @torch.no_grad()
@@ -274,7 +282,8 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
         if len(targets) != batch:
             raise ValueError(f"got {len(targets)} target dicts for a batch of {batch} images")
         device = cls_logits.device
-        labels, matched_boxes = [], []
+        labels, matched, all_boxes = [], [], []
+        offset = 0
         for i, t in enumerate(targets):
             gt_boxes, gt_labels = self._check_target(t, i, device)
             idx = self.matcher(gt_boxes, anchors, counts, self.anchor_generator.num_anchors_per_location)
@@ -282,22 +291,29 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
             fg = idx >= 0
             lab[fg] = gt_labels[idx[fg]] + 1
             labels.append(lab)
-            matched_boxes.append(gt_boxes[idx.clamp(min=0)] if gt_boxes.shape[0] else torch.zeros_like(anchors))
+            matched.append(idx + offset)  # index into the batch's concatenated boxes (read at positives only)
+            all_boxes.append(gt_boxes)
+            offset += gt_boxes.shape[0]
+        num_classes = cls_logits.shape[2]
         if self.config.cls_loss == "focal":
-            pos = [lab > 0 for lab in labels]
-            cls = sigmoid_focal_loss(cls_logits.reshape(-1, cls_logits.shape[2]), torch.cat(labels),
-                                     int(sum(int(p.sum()) for p in pos)), self.config.focal_alpha,
-                                     self.config.focal_gamma)
+            pos = torch.stack(labels) > 0
+            cls = sigmoid_focal_loss(cls_logits.reshape(-1, num_classes), torch.cat(labels), int(pos.sum()),
+                                     self.config.focal_alpha, self.config.focal_gamma)
         else:
             fg_probs = torch.sigmoid(cls_logits.detach().float()).max(dim=2).values
             pos, neg = self.sampler(labels, list(fg_probs), generator or self._generator)
-            sel_logits = torch.cat([cls_logits[i][pos[i] | neg[i]] for i in range(batch)])
-            sel_labels = torch.cat([labels[i][pos[i] | neg[i]] for i in range(batch)])
-            cls = classification_loss(sel_logits, sel_labels)
+            pos = torch.stack(pos)
+            # one gather over the flattened batch (image-major, ascending anchor: the per-image order)
+            sel = torch.nonzero((pos | torch.stack(neg)).flatten()).flatten()
+            cls = classification_loss(cls_logits.reshape(-1, num_classes)[sel], torch.stack(labels).flatten()[sel])
 
-        pred = torch.cat([self.coder.decode(box_deltas[i][pos[i]], anchors[pos[i]]) for i in range(batch)])
-        target_boxes = torch.cat([matched_boxes[i][pos[i]] for i in range(batch)])
-        reg = giou_loss(pred, target_boxes) if pred.shape[0] > 0 else box_deltas.sum() * 0.0
+        b_idx, a_idx = torch.nonzero(pos, as_tuple=True)  # (P,) image / anchor of every sampled positive
+        if box_deltas is None:
+            deltas = self.regressor.deltas_at(out["reg_towers"], b_idx, a_idx)
+        else:
+            deltas = box_deltas[b_idx, a_idx]
+        target_boxes = torch.cat(all_boxes)[torch.stack(matched)[b_idx, a_idx]]
+        reg = giou_loss(self.coder.decode(deltas, anchors[a_idx]), target_boxes)
 
         seg_logits = out["seg_logits"]
         seg_target = torch.stack([self._seg_target(t, i, seg_logits.shape[2:], device) for i, t in enumerate(targets)])

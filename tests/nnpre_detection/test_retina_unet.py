@@ -211,3 +211,28 @@ def test_focal_option_trains_all_anchors(one_thread):
     assert all(np.isfinite(cls)) and cls[-1] < cls[0]
     with pytest.raises(NnPreError, match="cls_loss"):
         build_retina_unet(RESENC, arch_kwargs(), 1, 1, cls_loss="softmax")
+
+
+def test_training_forward_sparse_regression_equals_dense(one_thread):
+    """The training forward evaluates the regressor only at the sampled positives; loss and gradients equal the
+    dense head's (what validation and inference run)."""
+    torch.manual_seed(0)
+    det = build_retina_unet(RESENC, arch_kwargs(), 1, 1, head_channels=16, seed=0)
+    image, mask = sphere_patch()
+    image = torch.cat([image, image.flip(2)])
+    targets = [sphere_target(mask), sphere_target(mask[::-1].copy())]
+    results = []
+    for dense in (True, False):
+        det.zero_grad()
+        out = det.head_outputs(image, dense_box_deltas=dense)
+        assert (out["box_deltas"] is None) != dense
+        losses = det.compute_loss(out, targets, torch.Generator().manual_seed(3))
+        losses["loss"].backward()
+        results.append((losses, {n: p.grad.clone() for n, p in det.named_parameters() if p.grad is not None}))
+    (ld, gd), (ls, gs) = results
+    assert ld["reg"] > 0
+    for k in ld:
+        assert torch.allclose(ld[k], ls[k], atol=1e-5), k
+    assert gd.keys() == gs.keys()
+    for n in gd:
+        assert torch.allclose(gd[n], gs[n], atol=1e-4, rtol=1e-3), n

@@ -184,6 +184,11 @@ class VoCoHead(nn.Module):
         return self.layers(pooled)
 
 
+def _cos01(a: Tensor, b: Tensor) -> Tensor:
+    """``relu(cos(a, b))`` over the last dim, clamped to at most 1 (float32 inputs: see :func:`voco_loss`)."""
+    return F.cosine_similarity(a, b, dim=-1).clamp(0.0, 1.0)
+
+
 def voco_loss(base: Tensor, target: Tensor, overlaps: Tensor, pred_weight: float = 1.0,
               reg_weight: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:
     """VoCo loss (nnssl ``VoCoLoss``; paper eq. 3, 5, 7 as the official code computes them).
@@ -194,14 +199,20 @@ def voco_loss(base: Tensor, target: Tensor, overlaps: Tensor, pred_weight: float
         overlaps: (B, N_t, N_b) overlap ratios in [0, 1].
 
     Returns:
-        (total, prediction loss, regularisation loss), scalars.
+        (total, prediction loss, regularisation loss), float32 scalars.
+
+    Numerics: everything is computed in float32 and the cosine similarities are clamped to [0, 1] (nnssl only
+    applies ``relu``). In exact arithmetic ``cos <= 1`` and the clamp changes nothing, but a bfloat16 cosine of
+    nearly parallel embeddings rounds to 1.0078; with a small positive overlap ``1 - |overlap - s|`` then drops
+    below 0 and the log gives NaN (seen under bf16 autocast).
     """
-    sim = F.relu(F.cosine_similarity(base.detach()[:, None, :, :], target[:, :, None, :], dim=-1))  # (B, Nt, Nb)
+    base, target, overlaps = base.float(), target.float(), overlaps.float()
+    sim = _cos01(base.detach()[:, None, :, :], target[:, :, None, :])  # (B, Nt, Nb)
     pos = (overlaps > 0).to(sim.dtype)
     pos_loss = (-torch.log(1 - (overlaps - sim).abs() + 1e-6) * overlaps).sum() / overlaps.sum().clamp_min(1e-6)
     neg_loss = (sim ** 2 * (1 - pos)).sum() / (1 - pos + 1e-6).sum()
     pred = pos_loss + neg_loss
-    inter = F.relu(F.cosine_similarity(base[:, None, :, :], base[:, :, None, :], dim=-1))  # (B, Nb, Nb)
+    inter = _cos01(base[:, None, :, :], base[:, :, None, :])  # (B, Nb, Nb)
     n = inter.shape[-1]
     upper = torch.ones(n, n, device=inter.device, dtype=inter.dtype).triu(diagonal=1)
     reg = torch.mean((inter * upper).sum(dim=(-2, -1)) * 2 / (n * (n - 1)))
@@ -292,7 +303,7 @@ class VoCoTask(PretextTask):
 
     def loss(self, prediction: Tensor, sample: PretextSample) -> Tensor:
         nb = sample.target.shape[2]
-        total, _, _ = voco_loss(prediction[:, :nb], prediction[:, nb:], sample.target.to(prediction.dtype),
+        total, _, _ = voco_loss(prediction[:, :nb], prediction[:, nb:], sample.target,
                                 float(self.config.pred_weight), float(self.config.reg_weight))
         return total
 

@@ -161,3 +161,23 @@ def test_errors():
     with pytest.raises(NnPreError, match="projection head"):
         t = get_pretext("voco", base_crops=(2, 1, 1))
         t.forward(tiny_resenc(1, 1), t.corrupt(torch.zeros(1, 1, 16, 8, 8), torch.Generator()))
+
+
+def test_bf16_parallel_embeddings_give_a_finite_loss():
+    """bf16 cosines of parallel embeddings round above 1 (to 1.0078); with a small positive overlap the unclamped
+    ``-log(1 - |overlap - s|)`` would be the log of a negative number. The loss runs in float32 with cos <= 1."""
+    g = torch.Generator().manual_seed(0)
+    ov = torch.tensor([[[0.002, 0.998, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]]])
+    above_one = 0
+    for _ in range(20):
+        e = torch.randn(1, 1, 64, generator=g)
+        base = torch.cat([e, torch.randn(1, 3, 64, generator=g)], dim=1).bfloat16().requires_grad_()
+        target = e.repeat(1, 2, 1).bfloat16().requires_grad_()
+        above_one += int((F.cosine_similarity(base[:, None], target[:, :, None], dim=-1) > 1).any())
+        total, pred, reg = voco_loss(base, target, ov)
+        assert total.dtype == torch.float32 and torch.isfinite(total)
+        ref, _, _ = voco_loss(base.detach().float(), target.detach().float(), ov)
+        assert float(total) == pytest.approx(float(ref), rel=1e-5)
+        total.backward()
+        assert torch.isfinite(target.grad).all() and torch.isfinite(base.grad).all()
+    assert above_one > 0  # the edge case was hit

@@ -49,3 +49,26 @@ def test_anchors_planned_from_training_cases():
                                 torch.device("cpu"))
     losses = task.compute_losses(net, inputs)
     assert "loss" in losses and len(losses) > 1 and torch.isfinite(losses["loss"])
+
+
+def test_training_recipe_as_task_data():
+    """The task gives the trainer nnDetection's length, schedule and oversampling, fitted to the run's length;
+    cpu-tiny's overrides come from its preset; an explicit recipe wins."""
+    from nnpre.presets import get_preset
+    from nnpre_detection.recipe import NNDET_V001, recipe_for_preset
+
+    gpu, tiny = get_preset("gpu"), get_preset("cpu-tiny")
+    task = DetectionTask()
+    assert task.training_length(gpu) == (60, 2500, 100, 5) and task.training_length(tiny) == (4, 10, 2, 1)
+    run = SimpleNamespace(preset=gpu, num_epochs=60, num_iterations_per_epoch=2500, from_scratch=True)
+    assert task.default_schedule(run) == NNDET_V001.schedule() and task.foreground_oversampling(run) == 0.5
+    run.from_scratch = False
+    assert [s.name for s in task.default_schedule(run).stages] == ["decoder_warmup", "whole_network", "swa"]
+    run = SimpleNamespace(preset=tiny, num_epochs=12, num_iterations_per_epoch=50, from_scratch=True)
+    sched = task.default_schedule(run)
+    assert sched == recipe_for_preset(tiny).fitted(12, 50).schedule() and sched.total_iterations == 600
+    assert sched.optimizer == "adamw" and sched.grad_clip == 12.0 and [s.name for s in sched.stages] == ["main"]
+    own = NNDET_V001.replace(num_epochs=2, iterations_per_epoch=3, swa_epochs=1, oversample_foreground_percent=0.3)
+    task = DetectionTask(training_recipe=own)
+    assert task.training_length(tiny)[:3] == (3, 3, 100)
+    assert task.foreground_oversampling(SimpleNamespace(preset=tiny, num_epochs=3, num_iterations_per_epoch=3)) == 0.3

@@ -133,3 +133,17 @@ def test_preset_detector_overrides():
     over = preset_detector_overrides("cpu-tiny", 4)
     assert over == {"head_channels": 32}  # nnDetection's detection levels (see the docstring's measurement)
     RetinaUNetConfig().with_overrides(**over)  # valid detector options
+
+
+def test_oversampling_0_5_and_0_33_force_the_same_patches_at_batch_2():
+    """Why cpu-tiny (batch 2) keeps nnDetection's 0.5: nnU-Net's loader forces foreground in the same sample."""
+    from types import SimpleNamespace
+
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+    def forced(batch, p):
+        dl = SimpleNamespace(batch_size=batch, oversample_foreground_percent=p)
+        return [nnUNetDataLoader._oversample_last_XX_percent(dl, j) for j in range(batch)]
+
+    assert forced(2, 0.5) == forced(2, 0.33) == [False, True]
+    assert forced(4, 0.5) == [False, False, True, True] and forced(4, 0.33) == [False, False, False, True]

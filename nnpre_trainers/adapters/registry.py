@@ -4,25 +4,20 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Type
 
 from nnpre.errors import fail
+from nnpre.registry import Registry
 from nnpre_trainers.adapters.base import Adapter
 
-_REGISTRY: Dict[str, Type[Adapter]] = {}
+_REGISTRY: Registry[Type[Adapter]] = Registry("adapter")
 
 
 def register_adapter(name: str) -> Callable[[Type[Adapter]], Type[Adapter]]:
     """Class decorator: make ``cls`` available as ``--adapter NAME`` (sets ``cls.name``)."""
-    def deco(cls: Type[Adapter]) -> Type[Adapter]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"adapter {name!r} is already registered ({_REGISTRY[name].__name__})")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return deco
+    return _REGISTRY.register(name)
 
 
 def list_adapters() -> List[str]:
     """Registered adapter names, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_adapter(name: str, **options: Any) -> Adapter:
@@ -30,9 +25,7 @@ def get_adapter(name: str, **options: Any) -> Adapter:
 
     Unknown names and options stop with one ``NnPreError`` line listing what exists.
     """
-    if name not in _REGISTRY:
-        fail(f"unknown adapter {name!r}; choose one of {', '.join(list_adapters())}")
-    cls = _REGISTRY[name]
+    cls = _REGISTRY.get(name)
     opts = {k: v for k, v in options.items() if v is not None}
     try:
         return cls(**opts)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterator, List,
 import torch
 from torch import Tensor, nn
 
-from nnpre.errors import fail
+from nnpre.registry import Registry
 from nnpre_trainers.train_step import autocast_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,26 +114,22 @@ class TrainingTask:
 
 # ------------------------------------------------------------------------------------------------ registry
 #: name -> "module:attribute" of the task class (imported on first use: detection lives in nnpre_detection).
-_TASKS: Dict[str, str] = {}
+_TASKS: Registry[str] = Registry("training task", choices="known tasks:")
 
 
 def register_task(name: str, target: str) -> None:
     """Register a fine-tuning task class by import path (``"package.module:Class"``)."""
-    if name in _TASKS and _TASKS[name] != target:
-        raise ValueError(f"training task '{name}' is already registered as {_TASKS[name]}")
-    _TASKS[name] = target
+    _TASKS.add(name, target)
 
 
 def list_tasks() -> List[str]:
     """Sorted names of the registered fine-tuning tasks."""
-    return sorted(_TASKS)
+    return _TASKS.names()
 
 
 def get_task(name: str, **options) -> TrainingTask:
     """Instantiate the fine-tuning task registered as ``name`` with ``options``."""
-    if name not in _TASKS:
-        fail(f"unknown training task '{name}'; known tasks: {', '.join(list_tasks())}")
-    module, attr = _TASKS[name].split(":")
+    module, attr = _TASKS.get(name).split(":")
     return getattr(importlib.import_module(module), attr)(**options)
 
 

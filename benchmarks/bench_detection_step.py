@@ -116,7 +116,7 @@ def main() -> int:
     def det_step(target, record=False):
         t0 = clock()
         targets = targets_from_batch(target)
-        out = det.head_outputs(x, dense_box_deltas=False)  # what the training forward runs
+        out = det.head_outputs(x, sparse=True)  # what the training forward runs
         t1 = clock()
         loss = det.compute_loss(out, targets)["loss"]
         t2 = clock()

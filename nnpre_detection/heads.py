@@ -144,6 +144,10 @@ class ClassificationHead(_SharedHead):
         """List of (B, C_in, X_l, Y_l, Z_l) -> (B, sum_l X_l Y_l Z_l A, C) logits."""
         return torch.cat([self._flatten(self._level_output(f)) for f in features], dim=1)
 
+    def from_towers(self, towers: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward` from the :meth:`towers` outputs of the same features (output conv + flatten)."""
+        return torch.cat([self._flatten(self.out(t)) for t in towers], dim=1)
+
 
 class RegressionHead(_SharedHead):
     """Box-delta regressor with a learnable output scale per level.

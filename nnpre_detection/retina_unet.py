@@ -187,21 +187,25 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
         self._generator = torch.Generator().manual_seed(int(config.seed))
 
     # ----------------------------------------------------------------------------------------- forward
-    def head_outputs(self, images: torch.Tensor, dense_box_deltas: bool = True) -> Dict[str, object]:
+    def head_outputs(self, images: torch.Tensor, sparse: bool = False) -> Dict[str, object]:
         """Run the network.
 
         Args:
             images: (B, C, X, Y, Z).
-            dense_box_deltas: compute ``box_deltas`` for every anchor (needed by :meth:`postprocess`). ``False``
-                (what the training forward uses): ``box_deltas`` is ``None`` and ``reg_towers`` holds the
-                regression towers' outputs, from which :meth:`compute_loss` evaluates the regressor's output conv
-                at the sampled positives only (:meth:`RegressionHead.deltas_at`; same values, a fraction of the
-                cost: the dense output conv has 6 x anchors-per-position channels on every level).
+            sparse: outputs for the training loss only (what the training forward uses). The loss needs the
+                regressor at the sampled positives and the classifier's gradient at the sampled anchors only, so
+                ``box_deltas`` is ``None``, ``cls_logits`` is computed without gradient (it ranks the hard
+                negatives) and ``cls_towers`` / ``reg_towers`` hold the towers' outputs, from which
+                :meth:`compute_loss` evaluates the output convs at those anchors (:meth:`RegressionHead.deltas_at`,
+                :meth:`ClassificationHead.outputs_at`): same values and gradients as the dense heads, without the
+                dense regression conv (6 x anchors-per-position channels on every level) and the dense
+                backward of the classification conv. With ``cls_loss="focal"`` (a loss over every anchor) the
+                classifier stays dense. ``False``: dense outputs for every anchor (:meth:`postprocess`).
 
         Returns:
-            dict with ``cls_logits`` (B, A, num_classes), ``box_deltas`` (B, A, 6) or ``None``, ``reg_towers``
-            (list per level, only without dense deltas), ``seg_logits`` (B, 2, X0, Y0, Z0) on decoder level 0,
-            ``anchors`` (A, 6) float32 and ``num_anchors_per_level``.
+            dict with ``cls_logits`` (B, A, num_classes), ``box_deltas`` (B, A, 6) or ``None``, ``seg_logits``
+            (B, 2, X0, Y0, Z0) on decoder level 0, ``anchors`` (A, 6) float32, ``num_anchors_per_level``, and
+            with ``sparse`` the per-level tower outputs ``reg_towers`` (and ``cls_towers`` for the BCE loss).
         """
         if images.ndim != 5:
             raise ValueError(f"images must be (B, C, X, Y, Z), got shape {tuple(images.shape)}")
@@ -210,16 +214,21 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
         by_level = dict(zip(self.decoder.output_levels, levels))
         det = [by_level[lvl] for lvl in self.decoder_levels]
         anchors_per_level = self.anchor_generator(images.shape[2:], [f.shape[2:] for f in det], images.device)
-        reg = {"box_deltas": self.regressor(det)} if dense_box_deltas else {
-            "box_deltas": None, "reg_towers": self.regressor.towers(det)}
-        return {
-            "cls_logits": self.classifier(det),
-            **reg,
-            "seg_logits": self.segmenter(by_level[0]),
-            "anchors": torch.cat(anchors_per_level),
-            "num_anchors_per_level": [a.shape[0] for a in anchors_per_level],
-            "image_shape": tuple(images.shape[2:]),
-        }
+        out: Dict[str, object] = {}
+        if not sparse:
+            out.update(cls_logits=self.classifier(det), box_deltas=self.regressor(det))
+        else:
+            out.update(box_deltas=None, reg_towers=self.regressor.towers(det))
+            if self.config.cls_loss == "focal":
+                out["cls_logits"] = self.classifier(det)
+            else:
+                out["cls_towers"] = self.classifier.towers(det)
+                with torch.no_grad():
+                    out["cls_logits"] = self.classifier.from_towers(out["cls_towers"])
+        out.update(seg_logits=self.segmenter(by_level[0]), anchors=torch.cat(anchors_per_level),
+                   num_anchors_per_level=[a.shape[0] for a in anchors_per_level],
+                   image_shape=tuple(images.shape[2:]))
+        return out
 
     def forward(self, images: torch.Tensor, targets: Optional[List[dict]] = None,
                 generator: Optional[torch.Generator] = None):
@@ -238,7 +247,7 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
             for i, t in enumerate(targets):
                 self._check_target(t, i, images.device)
                 self._seg_target(t, i, images.shape[2:], images.device)
-            return self.compute_loss(self.head_outputs(images, dense_box_deltas=False), targets, generator)
+            return self.compute_loss(self.head_outputs(images, sparse=True), targets, generator)
         return self.postprocess(self.head_outputs(images))
 
     @torch.no_grad()
@@ -303,9 +312,13 @@ class RetinaUNet(AbstractDynamicNetworkArchitectures):
             fg_probs = torch.sigmoid(cls_logits.detach().float()).max(dim=2).values
             pos, neg = self.sampler(labels, list(fg_probs), generator or self._generator)
             pos = torch.stack(pos)
-            # one gather over the flattened batch (image-major, ascending anchor: the per-image order)
-            sel = torch.nonzero((pos | torch.stack(neg)).flatten()).flatten()
-            cls = classification_loss(cls_logits.reshape(-1, num_classes)[sel], torch.stack(labels).flatten()[sel])
+            # one gather over the batch (image-major, ascending anchor: the per-image order)
+            sel_b, sel_a = torch.nonzero(pos | torch.stack(neg), as_tuple=True)
+            if out.get("cls_towers") is not None:
+                sel_logits = self.classifier.outputs_at(out["cls_towers"], sel_b, sel_a)[0]
+            else:
+                sel_logits = cls_logits[sel_b, sel_a]
+            cls = classification_loss(sel_logits, torch.stack(labels)[sel_b, sel_a])
 
         b_idx, a_idx = torch.nonzero(pos, as_tuple=True)  # (P,) image / anchor of every sampled positive
         if box_deltas is None:

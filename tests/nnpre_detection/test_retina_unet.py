@@ -213,24 +213,26 @@ def test_focal_option_trains_all_anchors(one_thread):
         build_retina_unet(RESENC, arch_kwargs(), 1, 1, cls_loss="softmax")
 
 
-def test_training_forward_sparse_regression_equals_dense(one_thread):
-    """The training forward evaluates the regressor only at the sampled positives; loss and gradients equal the
-    dense head's (what validation and inference run)."""
+@pytest.mark.parametrize("cls_loss", ["bce", "focal"])
+def test_sparse_training_outputs_equal_dense(one_thread, cls_loss):
+    """The training forward evaluates the regressor at the sampled positives and (BCE) the classifier's gradient
+    at the sampled anchors only; losses and gradients equal the dense heads' (what validation and inference run)."""
     torch.manual_seed(0)
-    det = build_retina_unet(RESENC, arch_kwargs(), 1, 1, head_channels=16, seed=0)
+    det = build_retina_unet(RESENC, arch_kwargs(), 1, 1, head_channels=16, seed=0, cls_loss=cls_loss)
     image, mask = sphere_patch()
     image = torch.cat([image, image.flip(2)])
     targets = [sphere_target(mask), sphere_target(mask[::-1].copy())]
     results = []
-    for dense in (True, False):
+    for sparse in (False, True):
         det.zero_grad()
-        out = det.head_outputs(image, dense_box_deltas=dense)
-        assert (out["box_deltas"] is None) != dense
+        out = det.head_outputs(image, sparse=sparse)
+        assert (out["box_deltas"] is None) == sparse
+        assert out["cls_logits"].requires_grad == (not sparse or cls_loss == "focal")
         losses = det.compute_loss(out, targets, torch.Generator().manual_seed(3))
         losses["loss"].backward()
         results.append((losses, {n: p.grad.clone() for n, p in det.named_parameters() if p.grad is not None}))
     (ld, gd), (ls, gs) = results
-    assert ld["reg"] > 0
+    assert ld["reg"] > 0 and ld["cls"] > 0
     for k in ld:
         assert torch.allclose(ld[k], ls[k], atol=1e-5), k
     assert gd.keys() == gs.keys()

@@ -114,6 +114,19 @@ def write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> None:
             json.dump(obj, f, indent=indent, default=default)
 
 
+def read_json(path: str | os.PathLike, what: str = "JSON") -> Any:
+    """The parsed content of the UTF-8 JSON file ``path`` (the reading side of :func:`write_json`).
+
+    An unreadable file or invalid JSON stops with one line ``<path>: cannot read <what> (<error>)``; ``what``
+    names the file's role, e.g. ``"prediction JSON"``.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        fail(f"{path}: cannot read {what} ({type(e).__name__}: {e})")
+
+
 def write_with(writer: Callable[[str], None], path: str | os.PathLike) -> None:
     """Atomically produce ``path`` with ``writer(tmp_path)`` (e.g. ``torch.save``, ``sitk.WriteImage``)."""
     with atomic_path(path) as tmp:

@@ -23,6 +23,7 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence
 
+from nnpre.atomic import read_json
 from nnpre.errors import fail
 from nnpre.import_folder import NATIVE_ENDINGS, check_dataset_id_and_name, image_ending, read_header, write_image_pool
 
@@ -49,11 +50,7 @@ def collect_images(json_path: str, modalities: Optional[Sequence[str]] = None) -
         json_path: the ``pretrain_data.json``.
         modalities: keep only images of these modalities (``None``: all).
     """
-    try:
-        with open(json_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        fail(f"{json_path}: cannot read nnssl pretrain_data.json ({type(e).__name__}: {e})")
+    data = read_json(json_path, "nnssl pretrain_data.json")
     if not isinstance(data, dict) or not isinstance(data.get("datasets"), dict):
         fail(f"{json_path}: not an nnssl pretrain_data.json (expected a 'datasets' object; see nnssl's "
              f"documentation/dataset_format.md)")

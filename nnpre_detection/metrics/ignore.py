@@ -27,12 +27,12 @@ Ignore boxes can also be given directly, one ``<case>_ignore.json`` per case in 
 from __future__ import annotations
 
 import csv
-import json
 import os
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from nnpre.atomic import read_json
 from nnpre.errors import fail
 from nnpre_detection.metrics.validate import check_ground_truth
 
@@ -187,11 +187,7 @@ def read_ignore_dir(folder: str, case_ids: Sequence[str] | None = None) -> tuple
             other += 1
             continue
         path = os.path.join(folder, name)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            fail(f"{path}: cannot read ignore JSON ({type(e).__name__}: {e})")
+        data = read_json(path, "ignore JSON")
         if not isinstance(data, dict) or "boxes" not in data:
             fail(f"{path}: expected a JSON object {{\"boxes\": [[a0_1, a1_1, a0_2, a1_2, a2_1, a2_2], ...]}}")
         try:

@@ -19,11 +19,11 @@ file with only some of them, or a JSON list instead of an object, is an error. A
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
+from nnpre.atomic import read_json
 from nnpre.errors import fail
 
 PREDICTION_KEYS = ("boxes", "scores", "labels")
@@ -38,12 +38,7 @@ def read_prediction(path: str) -> dict:
         ``{"boxes": (N, 6) float32, "scores": (N,) float32, "labels": (N,) as stored}``; shapes are checked
         later by :mod:`nnpre_detection.metrics.validate`.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        fail(f"{path}: cannot read prediction JSON ({type(e).__name__}: {e})")
-    return parse_prediction(data, path)
+    return parse_prediction(read_json(path, "prediction JSON"), path)
 
 
 def parse_prediction(data, path: str) -> dict:
@@ -90,11 +85,7 @@ def load_predictions(folder: str) -> dict[str, dict]:
         if not name.endswith(".json") or name.startswith("."):
             continue
         path = os.path.join(folder, name)
-        try:
-            with open(path, encoding="utf-8") as f:
-                head = json.load(f)
-        except (OSError, ValueError) as e:
-            fail(f"{path}: cannot read JSON ({type(e).__name__}: {e})")
+        head = read_json(path)
         if not isinstance(head, dict):
             fail(f"{path} holds a JSON {type(head).__name__}, not a prediction object {{\"boxes\": [...], "
                  f"\"scores\": [...], \"labels\": [...]}}; write one object per case (<case>.json) or move the "

@@ -4,7 +4,8 @@ import stat
 
 import pytest
 
-from nnpre.atomic import current_umask, write_json, write_with
+from nnpre.atomic import current_umask, read_json, write_json, write_with
+from nnpre.errors import NnPreError
 
 
 @pytest.fixture
@@ -46,3 +47,21 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
         write_with(broken, target)
     assert target.read_text().strip().startswith("{") and '"v": 1' in target.read_text()
     assert sorted(os.listdir(tmp_path)) == ["x.json"]
+
+
+def test_read_json_parses_and_names_file_and_role_on_failure(tmp_path):
+    """read_json: write_json's reading side; unreadable / invalid / non-UTF-8 files stop with one line."""
+    good = tmp_path / "good.json"
+    good.write_text('{"boxes": [[0, 0, 1, 1, 0, 1]], "x": "\\u00e9"}', encoding="utf-8")
+    assert read_json(str(good)) == {"boxes": [[0, 0, 1, 1, 0, 1]], "x": "é"}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"boxes": [', encoding="utf-8")
+    with pytest.raises(NnPreError) as e:
+        read_json(str(bad), "ignore JSON")
+    assert str(e.value).startswith(f"{bad}: cannot read ignore JSON (JSONDecodeError: ") and "\n" not in str(e.value)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"name": "\xe9"}')  # not UTF-8
+    with pytest.raises(NnPreError, match=r"cannot read JSON \(UnicodeDecodeError"):
+        read_json(str(latin))
+    with pytest.raises(NnPreError, match=r"missing.json: cannot read JSON \(FileNotFoundError"):
+        read_json(str(tmp_path / "missing.json"))

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Type
 
 from nnpre.errors import fail
 from nnpre_trainers.pretext import list_pretexts
-from nnpre_trainers.pretext.registry import _lookup
+from nnpre_trainers.pretext.registry import pretext_class
 from nnpre_trainers.trainer import nnPreTrainer
 
 #: Historical short names of registered tasks (CLI ``-t`` and alias suffix); a task class may instead define
@@ -29,7 +29,7 @@ SHORT_NAMES = {"model_genesis": "mg"}
 
 def short_name(task: str) -> str:
     """The CLI / alias short name of the registered pretext task ``task``."""
-    return getattr(_lookup(task), "short_name", None) or SHORT_NAMES.get(task, task)
+    return getattr(pretext_class(task), "short_name", None) or SHORT_NAMES.get(task, task)
 
 
 def alias_name(task: str) -> str:

@@ -26,7 +26,12 @@ def register_pretext(name: str) -> Callable[[Type[PretextTask]], Type[PretextTas
 
 def get_pretext(name: str, **overrides) -> PretextTask:
     """Instantiate the task registered as ``name`` with config ``overrides`` (unknown name/key -> NnPreError)."""
-    return _REGISTRY.get(name)(**overrides)
+    return pretext_class(name)(**overrides)
+
+
+def pretext_class(name: str) -> Type[PretextTask]:
+    """The :class:`PretextTask` subclass registered as ``name`` (unknown name -> NnPreError)."""
+    return _REGISTRY.get(name)
 
 
 def list_pretexts() -> List[str]:
@@ -36,4 +41,4 @@ def list_pretexts() -> List[str]:
 
 def default_config(name: str) -> dict:
     """The default config of task ``name`` as a plain dict (tuples stay tuples)."""
-    return dataclasses.asdict(_REGISTRY.get(name).config_class())
+    return dataclasses.asdict(pretext_class(name).config_class())

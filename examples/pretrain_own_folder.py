@@ -20,7 +20,8 @@ per folder), or one image per case and channel with ``--channel-suffixes`` (``ca
 3. the pretraining trainer (same as ``nnPre_train pretrain -d XXX -t mae``), checkpoint in
    ``nnUNet_results/DatasetXXX_Name/nnPreTrainer_<TASK>__<plans>__3d_fullres/fold_all/checkpoint_final.pth``;
 4. with ``--export FILE``: the encoder in nnssl/OpenMind format (same as ``nnPre_export --encoder-only``),
-   ready for ``examples/finetune_from_nnssl.py --pretrained FILE``.
+   ready for ``examples/finetune_from_nnssl.py --pretrained FILE``; an existing FILE is refused before step 1
+   unless ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -64,12 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=int, default=None, help="planning worker processes")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--export", metavar="FILE", default=None,
-                   help="also write the encoder in nnssl format (nnPre_export --encoder-only)")
+                   help="also write the encoder in nnssl format (nnPre_export --encoder-only); an existing FILE is "
+                        "refused before any work unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the --export FILE if it exists")
     add_root_argument(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.export:  # as nnPre_export: refuse an existing file (or the input) before hours of pretraining
+        from nnpre.atomic import check_output_file
+
+        check_output_file(args.export, inputs=[args.input], overwrite=args.overwrite, option="--export")
     apply_root(args)
     import torch
 

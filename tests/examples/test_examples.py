@@ -59,7 +59,13 @@ def test_pretrain_own_folder_then_finetune_from_nnssl(nnunet_root, tmp_path, cap
     for i, f in enumerate(sorted(os.listdir(os.path.join(labelled, "imagesTr")))):
         shutil.copy(os.path.join(labelled, "imagesTr", f), scans / f"patient{i}.nii.gz")
     encoder = str(tmp_path / "mae_encoder.pth")
-    assert pretrain.main(["-i", str(scans), "-d", "30", "--root", root, "-np", "1", "--export", encoder, *TINY]) == 0
+    with open(encoder, "w") as f:
+        f.write("an earlier export")
+    _expect_error(pretrain.main, ["-i", str(scans), "-d", "30", "--root", root, "--export", encoder, *TINY], capsys,
+                  f"--export {encoder} already exists", "--overwrite")
+    assert not os.path.exists(os.path.join(root, "nnUNet_raw", "Dataset030_my_scans"))  # refused before any work
+    assert pretrain.main(["-i", str(scans), "-d", "30", "--root", root, "-np", "1", "--export", encoder,
+                          "--overwrite", *TINY]) == 0
     out = capsys.readouterr().out
 
     raw = os.path.join(root, "nnUNet_raw", "Dataset030_my_scans")

@@ -44,8 +44,10 @@ ADAPTER_SUMMARY = {
     "probe-mlp": "encoder frozen, only small MLP heads per encoder stage (replacing the decoder) train; "
                  "segmentation only",
 }
-#: Line styles of the adapters in the figures (colour = method, style = adapter).
+#: Line styles and markers of the adapters in the figures (colour = method; line style and marker = adapter, so
+#: arms stay apart also where a curve is a single point: one labelled size, one epoch).
 _LINESTYLES = ("-", "--", ":", "-.", (0, (3, 1, 1, 1)), (0, (5, 1)))
+_MARKERS = ("o", "s", "^", "D", "v", "P")
 
 Table = Dict[str, Dict[str, Dict[str, Dict[int, List[Optional[float]]]]]]
 
@@ -138,11 +140,24 @@ def adapter_verdict_lines(table: Table, grid: StudyGrid) -> List[str]:
             for a in (a for a in grid.adapters if a != "full" and m in rows and arm_label(m, a) in rows):
                 diff = [mean(rows[arm_label(m, a)][n]) - mean(rows[m][n]) for n in grid.labelled]
                 parts = ", ".join(f"{n} labelled {'+' if d >= 0 else ''}{d:.3f}" for n, d in zip(grid.labelled, diff))
-                verdict = "at least as good as full fine-tuning at every size" if all(d >= 0 for d in diff) else (
-                    "below full fine-tuning at every size" if all(d < 0 for d in diff) else "mixed")
                 lines.append(f"- {titles[(task, metric)].split(':')[0]}, {arm_label(m, a)}: {metric} vs {m} "
-                             f"(full) {parts} ({verdict})")
+                             f"(full) {parts} ({_versus_full(diff)})")
     return lines
+
+
+def _versus_full(diff: Sequence[float]) -> str:
+    """Verdict on adapter − full differences per labelled size (rounded as printed: 3 decimals)."""
+    if not all(np.isfinite(diff)):
+        return "values missing"
+    d = [round(float(x), 3) for x in diff]
+    for test, text in ((lambda x: x > 0, "better than full fine-tuning at every size"),
+                       (lambda x: x == 0, "equal to full fine-tuning at every size"),
+                       (lambda x: x >= 0, "at least as good as full fine-tuning at every size"),
+                       (lambda x: x < 0, "below full fine-tuning at every size"),
+                       (lambda x: x <= 0, "not better than full fine-tuning at any size")):
+        if all(test(x) for x in d):
+            return text
+    return "mixed"
 
 
 def _count(v) -> str:
@@ -254,11 +269,13 @@ def report_markdown(table: Table, grid: StudyGrid, budget: StudyBudget, preset: 
 # Each *_figure function builds a matplotlib Figure; call it inside nnpre.plotting.figure_style() (fonts and
 # sizes are fixed when the artists are created) and save it there too.
 def arm_styles(grid: StudyGrid, task: str) -> Dict[str, dict]:
-    """Matplotlib style per arm of ``task``: colour per method (scratch first), line style per adapter."""
+    """Matplotlib style per arm of ``task``: colour per method (scratch first), line style and marker per
+    adapter (``full`` solid with circles)."""
     colours = {m: f"C{i}" for i, m in enumerate(grid.all_methods)}
-    dashes = {a: _LINESTYLES[i % len(_LINESTYLES)]
-              for i, a in enumerate(["full", *(a for a in grid.adapters if a != "full")])}
-    return {arm_label(m, a): {"color": colours[m], "linestyle": dashes[a]} for m, a in grid.arms(task)}
+    order = ["full", *(a for a in grid.adapters if a != "full")]
+    style = {a: {"linestyle": _LINESTYLES[i % len(_LINESTYLES)], "marker": _MARKERS[i % len(_MARKERS)]}
+             for i, a in enumerate(order)}
+    return {arm_label(m, a): {"color": colours[m], **style[a]} for m, a in grid.arms(task)}
 
 
 def metric_figure(table: Table, grid: StudyGrid, task: str, metric: str, title: str):
@@ -274,7 +291,7 @@ def metric_figure(table: Table, grid: StudyGrid, task: str, metric: str, title: 
         vals = [[x for x in row[n] if x is not None] for n in sizes]
         mu = [float(np.mean(v)) if v else np.nan for v in vals]
         sd = [float(np.std(v)) if len(v) > 1 else 0.0 for v in vals]
-        ax.errorbar(sizes, mu, yerr=sd if grid.seeds > 1 else None, fmt="o", capsize=3, label=arm, **styles[arm])
+        ax.errorbar(sizes, mu, yerr=sd if grid.seeds > 1 else None, capsize=3, label=arm, **styles[arm])
     ax.set_xticks(sizes)
     ax.set_xlabel("labelled training cases")
     ax.set_ylabel(metric)
@@ -303,7 +320,7 @@ def loss_figure(records: Mapping[str, dict], grid: StudyGrid):
         for m, a in grid.arms(task):
             tr = np.asarray(records.get(Run(task, m, n0, 0, a).name, {}).get("train_losses") or [], float)
             if tr.size:
-                ax.plot(np.arange(1, tr.size + 1), tr, marker="o", label=arm_label(m, a), **styles[arm_label(m, a)])
+                ax.plot(np.arange(1, tr.size + 1), tr, label=arm_label(m, a), **styles[arm_label(m, a)])
         ax.set_title(f"{task} fine-tuning, {n0} labelled: train loss")
     for ax in axes:
         ax.set_xlabel("epoch")
@@ -330,7 +347,7 @@ def froc_figure(records: Mapping[str, dict], grid: StudyGrid):
             fps, sens = np.asarray(c.get("fp_per_scan", []), float), np.asarray(c.get("sensitivity", []), float)
             ok = np.isfinite(fps) & np.isfinite(sens) & (fps > 0)
             if ok.any():
-                ax.plot(fps[ok], sens[ok], label=arm_label(m, a), **styles[arm_label(m, a)])
+                ax.plot(fps[ok], sens[ok], label=arm_label(m, a), **{**styles[arm_label(m, a)], "marker": None})
         ax.set_xscale("log", base=2)
         ax.set_xlim(FPI_THRESHOLDS[0] / 1.5, FPI_THRESHOLDS[-1] * 1.5)
         ax.set_xticks(list(FPI_THRESHOLDS), [f"{v:g}" for v in FPI_THRESHOLDS])

@@ -107,7 +107,7 @@ def test_adapter_arms_in_tables_parameters_and_verdicts(tmp_path):
     lines = adapter_verdict_lines(table, grid)
     lora = [x for x in lines if x.startswith("- Segmentation (nnU-Net), mae+lora:")][0]
     assert "dice vs mae (full) 2 labelled -0.050, 8 labelled -0.050 (below full fine-tuning at every size)" in lora
-    assert any(x.startswith("- Detection (Retina U-Net), mae+lora:") and "at least as good" in x for x in lines)
+    assert any(x.startswith("- Detection (Retina U-Net), mae+lora:") and "(equal to full" in x for x in lines)
     assert "## Do the adapters match full fine-tuning?" in md
     # every pretrained arm is also compared with scratch
     assert "- Segmentation (nnU-Net), mae+probe-linear: dice vs scratch 2 labelled -0.100" in md
@@ -149,7 +149,20 @@ def test_arm_figures_colour_by_method_style_by_adapter():
         assert list(lines) == ["scratch", "mae", "mae+lora", "mg", "mg+lora"]
         assert lines["mae"].get_color() == lines["mae+lora"].get_color() != lines["mg"].get_color()
         assert lines["mae"].get_linestyle() != lines["mae+lora"].get_linestyle()
+        assert lines["mae"].get_marker() != lines["mae+lora"].get_marker()  # apart also as single points
         assert lines["mg"].get_linestyle() == lines["mae"].get_linestyle()
         froc = froc_figure(rec, grid)
         assert [ln.get_label() for ln in froc.axes[1].get_lines()] == ["scratch", "mae", "mae+lora", "mg",
                                                                       "mg+lora"]
+
+
+def test_versus_full_verdicts():
+    from nnpre.study.report import _versus_full
+
+    assert _versus_full([0.1, 0.2]) == "better than full fine-tuning at every size"
+    assert _versus_full([0.0001, -0.0002]) == "equal to full fine-tuning at every size"  # ties as printed
+    assert _versus_full([0.0, 0.2]) == "at least as good as full fine-tuning at every size"
+    assert _versus_full([-0.1, -0.2]) == "below full fine-tuning at every size"
+    assert _versus_full([-0.1, 0.0]) == "not better than full fine-tuning at any size"
+    assert _versus_full([-0.1, 0.1]) == "mixed"
+    assert _versus_full([float("nan"), 0.1]) == "values missing"

@@ -141,13 +141,14 @@ class PretextTrainingTask(TrainingTask):
 
         from nnpre.plotting import figure_style, legend_outside, new_figure, save_figure
 
-        log = trainer.logger.local_logger.my_fantastic_logging
+        # nnU-Net's MetaLogger.get_value(key, None): every epoch's value, from its local logger
+        train, val = (list(trainer.logger.get_value(k, None)) for k in ("train_losses", "val_losses"))
         with figure_style():  # own style: nnU-Net's progress plot sets seaborn's font_scale=2.5 globally
             fig = new_figure(6, 4)
             ax = fig.add_subplot(1, 1, 1)
-            ep = np.arange(1, len(log["train_losses"]) + 1)
-            ax.plot(ep, log["train_losses"], "-o", label="train")
-            ax.plot(ep, log["val_losses"][: len(ep)], "-o", label="validation")
+            ep = np.arange(1, len(train) + 1)
+            ax.plot(ep, train, "-o", label="train")
+            ax.plot(ep, val[: len(ep)], "-o", label="validation")
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             ax.set_ylabel(f"{self.pretext.name} loss")

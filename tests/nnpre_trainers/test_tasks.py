@@ -1,4 +1,5 @@
 """Training tasks built from a context alone (no trainer): networks, batches, losses; the fine-tuning registry."""
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -57,3 +58,27 @@ def test_pretext_task_network_batch_and_loss(name):
     loss.backward()
     assert all(p.grad is not None for n, p in net.named_parameters() if n.startswith("encoder."))
     assert task.recipe == "pretrain" and not task.needs_labels and task.name == f"pretext:{name}"
+
+
+def test_pretext_loss_plot_reads_the_logger_through_nnunets_public_api(tmp_path):
+    """progress_pretrain.png comes from nnU-Net's MetaLogger.get_value (no LocalLogger internals): a logger that
+    offers only get_value (forwarding to a real MetaLogger) suffices."""
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+
+    from nnpre_trainers.tasks.pretext import PretextTrainingTask
+
+    logger = MetaLogger(str(tmp_path), resume=False)
+    for e, (tr, va) in enumerate([(1.0, 1.2), (0.8, 0.9), (0.7, 0.75)]):
+        logger.log("train_losses", tr, e)
+        logger.log("val_losses", va, e)
+    asked = []
+
+    class OnlyGetValue:
+        def get_value(self, key, step):
+            asked.append((key, step))
+            return logger.get_value(key, step)
+
+    task = PretextTrainingTask("mae")
+    task._plot_losses(SimpleNamespace(logger=OnlyGetValue(), output_folder=str(tmp_path)))
+    assert sorted(asked) == [("train_losses", None), ("val_losses", None)]
+    assert os.path.getsize(tmp_path / "progress_pretrain.png") > 1000

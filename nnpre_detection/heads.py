@@ -111,7 +111,8 @@ class _SharedHead(nn.Module):
             # (P, kx, ky, kz, C): advanced indices around a slice put the broadcast index dims first
             patch = padded[batch_index[sel].view(-1, 1, 1, 1), :, x.view(-1, 1, 1, 1) + ox.view(1, -1, 1, 1),
                            y.view(-1, 1, 1, 1) + oy.view(1, 1, -1, 1), z.view(-1, 1, 1, 1) + oz.view(1, 1, 1, -1)]
-            pieces.append(torch.einsum("pxyzc,pocxyz->po", patch, weight[k]) + bias[k])
+            # float32 (a few dozen anchors): autocast would otherwise mix half-precision towers with fp32 weights
+            pieces.append(torch.einsum("pxyzc,pocxyz->po", patch.float(), weight[k].float()) + bias[k].float())
             order.append(sel)
             levels.append(torch.full_like(sel, lvl))
         if not pieces:

@@ -54,3 +54,16 @@ def test_classifier_outputs_at_equals_dense_rows():
     rows, levels = head.outputs_at(head.towers(feats), b, a)
     assert torch.allclose(rows, dense[b, a], atol=1e-5)
     assert levels.tolist() == [0, 1, 2]
+
+
+def test_deltas_at_under_autocast():
+    """Mixed precision (towers in bfloat16, weights float32): the sparse conv runs in float32 without a dtype error."""
+    gen = torch.Generator().manual_seed(3)
+    head = RegressionHead(8, num_anchors=3, num_levels=3, head_channels=16, num_convs=1, group_channels=8)
+    feats = _features(gen)
+    b, a = torch.tensor([0, 1]), torch.tensor([4, 370])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = head(feats)[b, a].float()
+        sparse = head.deltas_at(head.towers(feats), b, a)
+    assert sparse.dtype == torch.float32
+    assert torch.allclose(sparse, dense, atol=0.05)

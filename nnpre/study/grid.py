@@ -401,6 +401,6 @@ def describe(grid: StudyGrid, budget: StudyBudget, preset: str, times: Optional[
         f"  assumptions: {times.source}; pretraining step = {times.pretrain_ratio:g}x, detection step = "
         f"{times.detect_ratio:g}x a segmentation step; validation iteration = {times.val_ratio:.2f}x; "
         f"{times.eval_per_case:g} step(s) per test case"
-        + ("; an adapter arm step = a full fine-tuning step (an upper bound for the probes, which skip the "
-           "encoder's backward pass)" if several else ""))
+        + ("; an adapter arm step = a full fine-tuning step (probes skip the encoder's backward pass and cost "
+           "less; LoRA / MoLRE add low-rank convolutions and may cost more)" if several else ""))
     return "\n".join(lines)

@@ -70,6 +70,8 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     (["--labelled", "3"], "--labelled sizes must be between 1 and the 2"),
     (["--labelled", "a"], "--labelled expects comma-separated integers"),
     (["--methods", "mae,simclr"], "unknown pretext method(s) ['simclr']"),
+    (["--adapters", "full,lorra"], "unknown adapter(s) ['lorra']; choose from full, lora, molre, probe-linear"),
+    (["--adapters", ","], "--adapters is empty"),
 ])
 def test_demo_bad_arguments(tmp_path, args, msg):
     with pytest.raises(NnPreError, match=None) as e:
@@ -91,3 +93,55 @@ def test_demo_dry_run_prints_grid_and_estimate(tmp_path, capsys):
     from nnpre.study import available_methods
 
     assert f"methods: {', '.join(available_methods())} (+ scratch)" in text and "seeds: 2" in text
+
+
+def test_demo_dry_run_lists_adapter_arms(tmp_path, capsys):
+    from nnpre.cli.demo import build_parser, run
+
+    out = tmp_path / "never"
+    args = ["--out", str(out), "--methods", "mae,mg", "--labelled", "2", "--dry-run"]
+    assert run(build_parser().parse_args(args)) == 0
+    plain = capsys.readouterr().out
+    assert run(build_parser().parse_args([*args, "--adapters", "full,lora,probe-mlp"])) == 0
+    text = capsys.readouterr().out
+    assert "adapters: full, lora, probe-mlp" in text
+    assert "segmentation fine-tuning: 7 run(s)" in text and "arms: scratch, mae, mae+lora, mae+probe-mlp, mg" in text
+    assert "detection fine-tuning: 5 run(s)" in text and "note: no detection arms for adapter probe-mlp" in text
+    total = [ln for ln in text.splitlines() if "estimated time" in ln][0]
+    assert total != [ln for ln in plain.splitlines() if "estimated time" in ln][0]  # the arms cost time
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_demo_adapter_arms_end_to_end(tmp_path, monkeypatch, capsys):
+    """One method with LoRA and the MLP probe (no full arm): the arms train, get their own run folders and
+    stage records, the detection probe-mlp arm is skipped with a note, the report shows the arms with their
+    trainable-parameter counts."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path / "unused"))
+    monkeypatch.setenv("nnUNet_compile", "false")
+    out = tmp_path / "demo"
+    assert _run(out, "--methods", "mae", "--adapters", "lora,probe-mlp") == 0
+    printed = capsys.readouterr().out
+    assert "note: no detection arms for adapter probe-mlp" in printed
+    stages = sorted(p.stem for p in (out / "stages").iterdir())
+    assert stages == ["data", "det_mae_n1_s0_lora", "det_scratch_n1_s0", "plan", "pretrain_mae",
+                      "seg_mae_n1_s0_lora", "seg_mae_n1_s0_probe-mlp", "seg_scratch_n1_s0"]
+    res = json.loads((out / "report" / "results.json").read_text())
+    assert res["arms"] == {"seg": ["scratch", "mae+lora", "mae+probe-mlp"], "det": ["scratch", "mae+lora"]}
+    for task, metric in (("seg", "dice"), ("det", "AP_IoU_0.10")):
+        for arm in res["arms"][task]:
+            v = res["table"][task][metric][arm]["1"][0]
+            assert v is not None and math.isfinite(v) and 0.0 <= v <= 1.0, (task, arm, v)
+    # run folders of their own, parameter counts from each run's adapter.json
+    lora = res["results"]["seg_mae_n1_s0_lora"]
+    assert lora["folder"].endswith("nnPreFineTuneTrainer__nnPreResEncLPlans_mae_n1_s0_lora__3d_fullres/fold_all")
+    p = res["params"]
+    assert p["seg"]["scratch"]["trainable"] == p["seg"]["scratch"]["total"]
+    assert 0 < p["seg"]["mae+lora"]["added"] < p["seg"]["mae+lora"]["trainable"] < p["seg"]["mae+lora"]["total"]
+    assert 0 < p["seg"]["mae+probe-mlp"]["trainable"] < p["seg"]["mae+lora"]["trainable"]
+    assert p["det"]["mae+lora"]["adapter"] == "lora" and "mae+probe-mlp" not in p["det"]
+    md = (out / "report" / "report.md").read_text()
+    assert "| mae+lora |" in md and "## Trainable parameters per arm" in md and "| seg | mae+probe-mlp |" in md
+    assert "match full fine-tuning" not in md  # no full arm to compare with

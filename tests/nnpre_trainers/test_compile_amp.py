@@ -23,7 +23,8 @@ DID = 63
 COMPILED = ["mae", "s3d", "segmentation", "detection"]
 # VoCo is left out: its CPU-sized crops (16x16x32) give the deepest stage a 2x2x4 map, where torch 2.14.1's CPU
 # bf16 Conv3d backward (oneDNN 3.12, 2 threads) returns a NaN weight gradient in ~1.4 % of calls (189 of 13,255
-# for a (16, 64, 2, 2, 4) input with finite values; 0 of 1,120 in fp32); the NaN weights then fail the next step.
+# for a (16, 64, 2, 2, 4) input with finite values; 0 of 1,120 in fp32). train_step now skips such a step (tested in
+# test_train_step.py), which keeps training alive but makes the bf16-vs-fp32 loss comparison below flaky.
 # (VoCo's own bf16 loss edge case, cos rounding above 1, is fixed and tested in test_pretext_voco.py.)
 AMP = ["mae", "diffusion", "s3d", "segmentation", "detection"]
 

@@ -25,3 +25,33 @@ def test_non_finite_loss_is_one_line_error():
     with pytest.raises(NnPreError, match="non-finite training loss \\(epoch 3\\)"):
         train_step(net, opt, lambda: {"loss": net(torch.ones(1, 2)).sum() * float("nan")}, torch.device("cpu"),
                    where="epoch 3")
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient backward (what the CPU bf16 Conv3d kernel sometimes returns)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+@pytest.mark.parametrize("clip", [GRAD_CLIP, None])
+def test_bf16_step_with_non_finite_gradient_is_skipped(clip):
+    torch.manual_seed(0)
+    net = nn.Linear(4, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = torch.nn.utils.parameters_to_vector(net.parameters()).detach().clone()
+    x = torch.randn(8, 4)
+    with pytest.warns(RuntimeWarning, match="non-finite gradient, optimizer step skipped \\(it 7\\)"):
+        out = train_step(net, opt, lambda: {"loss": _NaNGrad.apply(net(x)).float().pow(2).mean()},
+                         torch.device("cpu"), grad_clip=clip, where="it 7", amp="bf16")
+    assert torch.isfinite(torch.tensor(out["loss"]))
+    assert torch.equal(torch.nn.utils.parameters_to_vector(net.parameters()).detach(), before)
+    # a finite bf16 step still updates the weights
+    train_step(net, opt, lambda: {"loss": net(x).float().pow(2).mean()}, torch.device("cpu"), grad_clip=clip,
+               amp="bf16")
+    assert not torch.equal(torch.nn.utils.parameters_to_vector(net.parameters()).detach(), before)

@@ -230,10 +230,15 @@ def preset_detector_overrides(preset_name: str, n_stages: Optional[int] = None) 
     ``cpu-tiny``: head towers 4 x the stage-0 width (32, as nnDetection's 128 for 32). Detection levels stay
     nnDetection's rule (``min(max(1, R - 4), 2) .. R - 1``, i.e. strides 2, 4, 8 for cpu-tiny's 4 stages).
     Starting at stride 4 instead (as nnDetection's usual 6-stage networks do) made a detection step 1.1-1.2x a
-    segmentation step instead of about 2.5x (``benchmarks/bench_detection_step.py``), but the detector then
-    hardly learned the small cpu-tiny lesions: AP@0.1 0.08 / 0.37 vs 0.24 / 0.61 (300 iterations, seeds 0 / 1,
-    ``benchmarks/bench_detection_learning.py``) and a top-box IoU of 0.04 vs 0.8 after 24 iterations on the
-    trainer test's data. ``n_stages`` is accepted for presets whose options depend on the depth.
+    segmentation step instead of about 2.5x (``benchmarks/bench_detection_step.py``, before the same-math
+    speedups of the heads), but the detector then hardly learned the small cpu-tiny lesions: AP@0.1 0.08 / 0.37
+    vs 0.24 / 0.61 (300 iterations, seeds 0 / 1, ``benchmarks/bench_detection_learning.py``) and a top-box IoU of
+    0.04 vs 0.8 after 24 iterations on the trainer test's data. With the same-math speedups these options cost
+    1.67x a segmentation step. Narrower options measured and not adopted because they learn less (AP@0.1 seeds
+    0 / 1 / 2 at 300 iterations, defaults 0.33 / 0.67 / 0.80, segmentation 0.19 / 0.53 / 0.71):
+    ``fpn_channels=16, head_channels=16`` 1.13-1.24x, AP 0.06 / 0.57 / 0.78; ``fpn_channels=16, head_convs=1``
+    1.14x, AP 0.03 / 0.51 / 0.76; ``head_convs=0`` 1.28x, AP 0.01 / 0.03 / 0.07. ``n_stages`` is accepted for
+    presets whose options depend on the depth.
     """
     if preset_name == "cpu-tiny":
         return {"head_channels": 32}

@@ -237,8 +237,8 @@ def preset_detector_overrides(preset_name: str, n_stages: Optional[int] = None) 
     1.67x a segmentation step. Narrower options measured and not adopted because they learn less (AP@0.1 seeds
     0 / 1 / 2 at 300 iterations, defaults 0.33 / 0.67 / 0.80, segmentation 0.19 / 0.53 / 0.71):
     ``fpn_channels=16, head_channels=16`` 1.13-1.24x, AP 0.06 / 0.57 / 0.78; ``fpn_channels=16, head_convs=1``
-    1.14x, AP 0.03 / 0.51 / 0.76; ``head_convs=0`` 1.28x, AP 0.01 / 0.03 / 0.07. ``n_stages`` is accepted for
-    presets whose options depend on the depth.
+    1.14x, AP 0.03 / 0.51 / 0.76; ``head_convs=0`` 1.28x, AP 0.01 / 0.03 / 0.07; ``head_channels=16`` 1.41x,
+    AP 0.06 / 0.51 / 0.73. ``n_stages`` is accepted for presets whose options depend on the depth.
     """
     if preset_name == "cpu-tiny":
         return {"head_channels": 32}

@@ -82,7 +82,12 @@ def make_trainer(trainer_class: Type, dataset: str | int, plans_name: str = "nnP
     trainer = trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
                             device=pick_device(device))
     if preset is not None:
-        trainer.use_preset(get_preset(preset))  # its length, or the task's for it (detection: the recipe's)
+        p = get_preset(preset)
+        if hasattr(trainer, "use_preset"):
+            trainer.use_preset(p)  # its length, or the task's for it (detection: the recipe's)
+        else:  # a stock nnU-Net trainer (e.g. the benchmarks' reference): the preset's length
+            trainer.num_epochs, trainer.num_iterations_per_epoch = p.num_epochs, p.iterations_per_epoch
+            trainer.num_val_iterations_per_epoch, trainer.save_every = p.val_iterations_per_epoch, p.save_every
     if epochs is not None:
         trainer.num_epochs = int(epochs)
     if iterations is not None:

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(det)
     det.add_argument("--pretrained", metavar="CKPT", default=None)
     det.add_argument("--num-train-cases", type=int, default=None)
+    det.add_argument("--no-validation", action="store_true",
+                     help="skip the post-processing sweep on the fold's validation cases (inference_plan.json; "
+                          "nnPre_predict then uses nnDetection's default parameters)")
     _adapter_arguments(det)
     return p
 
@@ -178,8 +181,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         maybe_resume(trainer)
     trainer.run_training()
-    if args.command == "finetune" and not args.no_validation:
-        trainer.perform_actual_validation(False)
+    if args.command in ("finetune", "detect") and not args.no_validation:
+        trainer.perform_actual_validation(False)  # detect: the post-processing sweep -> inference_plan.json
     if trainer.local_rank == 0:
         print(f"done: {trainer.output_folder}")
     return 0

@@ -164,3 +164,26 @@ def test_cpu_tiny_voco_crops_the_plans_patch_and_explicit_set_wins(labelled, cap
     assert tuple(t.pretext.config.region_size) == (64, 64, 32)  # explicit --set wins
     g = make_trainer(pretrain_trainer("voco"), 61, device="cpu", preset="gpu")
     assert tuple(g.default_task().pretext.config.region_size) == (256, 256, 64)  # faithful default untouched
+
+
+def test_detect_ends_with_the_post_processing_sweep(nnunet_root):
+    """nnPre_train detect writes the sweep's inference_plan.json into the fold folder (what nnPre_predict reads);
+    --no-validation skips it."""
+    import glob
+
+    from nnpre_testdata import write_raw_dataset
+
+    from nnpre.cli.train import main
+
+    write_raw_dataset(nnunet_root, did=62, n_cases=5)  # 5 cases: nnU-Net's 5-fold split, 1 validation case
+    plan_dataset(62, preset="cpu-tiny", num_processes=1)
+    argv = ["detect", "-d", "62", "-f", "0", *COMMON]
+    assert main(argv + ["--no-validation"]) == 0
+    (fold,) = glob.glob(os.path.join(os.environ["nnUNet_results"], "Dataset062_*",
+                                     "nnPreDetectionTrainer__*__3d_fullres", "fold_0"))
+    plan_file = os.path.join(fold, "inference_plan.json")
+    assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth")) and not os.path.exists(plan_file)
+    assert main(argv + ["--overwrite"]) == 0
+    with open(plan_file) as f:
+        plan = json.load(f)
+    assert {"model_iou", "ensemble_iou", "model_score_thresh"} <= set(plan), plan

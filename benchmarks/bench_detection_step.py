@@ -52,6 +52,18 @@ def arch_kwargs(n_stages: int = 4) -> dict:
                             [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1), [1] * n_stages, [1] * (n_stages - 1))
 
 
+def resenc_l_arch_kwargs(n_stages: int = 6) -> dict:
+    """The faithful preset's network (``nnpre.presets`` ``gpu``: ResEnc-L widths 32 -> 320 and blocks 1, 3, 4, 6, ...;
+    6 stages as nnU-Net plans it for a 128³ patch; one decoder conv per stage as nnU-Net's ResEnc planners)."""
+    from nnpre.adaptation_plan import unet_arch_kwargs
+    from nnpre.presets import get_preset
+
+    g = get_preset("gpu")
+    feats = [min(g.base_features * 2 ** i, g.max_features) for i in range(n_stages)]
+    return unet_arch_kwargs(feats, [[3, 3, 3]] * n_stages, [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
+                            list(g.n_blocks_per_stage[:n_stages]), [1] * (n_stages - 1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu-tiny", choices=["cpu-tiny", "gpu"])
@@ -63,6 +75,9 @@ def main() -> int:
                     help="RetinaUNetConfig overrides (JSON values), e.g. decoder_levels=[2,3]")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="cpu: this thread's CPU time (time.thread_time; steadier on a busy machine; --threads 1)")
+    ap.add_argument("--network", default="tiny", choices=["tiny", "resenc-l"],
+                    help="tiny: the cpu-tiny-like network (4-5 stages, 8->64 channels); resenc-l: the faithful "
+                         "preset's ResEnc-L with 6 stages (use with --preset gpu; --patch 64 keeps CPU runs short)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
@@ -79,8 +94,12 @@ def main() -> int:
     from nnpre_detection.retina_unet import DEFAULT_REQ_IMPORT, _resolve_imports, build_retina_unet
     from nnpre_detection.targets import BoxTargetsTransform, targets_from_batch
 
-    n_stages = 4 if args.patch <= 32 else 5
-    ak = arch_kwargs(n_stages)
+    if args.network == "resenc-l":
+        n_stages = 6
+        ak = resenc_l_arch_kwargs(n_stages)
+    else:
+        n_stages = 4 if args.patch <= 32 else 5
+        ak = arch_kwargs(n_stages)
     torch.manual_seed(0)
     seg_net = ResidualEncoderUNet(input_channels=1, num_classes=2, deep_supervision=True,
                                   **_resolve_imports(ak, DEFAULT_REQ_IMPORT))

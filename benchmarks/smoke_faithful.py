@@ -10,7 +10,9 @@ Stages, each run through the command users run (console-script ``main`` in a fre
    with ``nnpre_trainers.run.make_trainer``;
 4. ``nnPre_train pretrain`` with every registered pretext task (``nnpre_trainers.pretext.list_pretexts()``);
 5. ``nnPre_train finetune`` from each pretraining checkpoint (``--no-validation``);
-6. ``nnPre_train detect`` (Retina U-Net) from the MAE checkpoint (else the first task's);
+6. ``nnPre_train detect`` (Retina U-Net) from the MAE checkpoint (else the first task's), with its post-processing
+   sweep on the validation case (8 mirror variants) on CUDA; on CPU ``--no-validation`` skips the sweep (64
+   ResEnc-L forwards at 128³);
 7. ``nnPre_predict`` of the test case (no mirroring) and ``nnPre_evaluate det`` against its nnDetection labels.
 
 Training stages run one epoch of ``--iterations`` steps with the ``cpu-tiny`` training *length* (``--preset
@@ -219,7 +221,8 @@ def make_stages(args: argparse.Namespace, out: str, tasks: List[str]) -> List[St
     if tasks:
         t = "mae" if "mae" in tasks else tasks[0]
         stages.append(Stage(f"detect {t}", "nnPre_train",
-                            ["detect", "-d", str(LABELLED_ID), "--pretrained", f"<checkpoint of pretrain {t}>"] + train,
+                            ["detect", "-d", str(LABELLED_ID), "--pretrained", f"<checkpoint of pretrain {t}>"] + train
+                            + (["--no-validation"] if args.device == "cpu" else []),
                             needs=["plan labelled", f"pretrain {t}"]))
         pred = os.path.join(out, "predictions")
         stages.append(Stage("predict", "nnPre_predict",

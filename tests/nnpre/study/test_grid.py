@@ -79,7 +79,7 @@ def test_gpu_default_grid_fits_eight_hours_and_cpu_tiny_fifteen_minutes():
     assert 5 * 3600 < gpu <= 8 * 3600
     # the old budget (1000 x 250 for every run) was weeks
     old = StudyBudget(1000, 250, 1000, 250, 40, 20, 200, "default", 1000, 250)
-    assert estimate(g, old, STEP_TIMES["gpu"]).total_s > 30 * 24 * 3600
+    assert estimate(g, old, STEP_TIMES["gpu"]).total_s > 21 * 24 * 3600
     assert estimate(g, BUDGETS["cpu-tiny"], STEP_TIMES["cpu-tiny"]).total_s <= 15 * 60
     # faithful geometry is untouched: the budget only sets lengths
     from nnpre.presets import get_preset
@@ -92,7 +92,7 @@ def test_describe_lists_grid_lengths_and_time():
     assert "methods: mae, mg, diffusion (+ scratch)" in text
     assert "pretraining: 3 run(s) x 20x250 = 5000 iterations" in text
     assert "segmentation fine-tuning: 8 run(s) x 8x250 = 2000 iterations" in text
-    assert "detection fine-tuning: 8 run(s) x 5x250 = 1250 iterations" in text
+    assert "detection fine-tuning: 8 run(s) x 10x250 = 2500 iterations" in text
     assert "estimated time" in text and " h " in text and "0.50 s/step" in text
 
 

@@ -65,6 +65,31 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert os.path.isfile(ck)
     assert [k for k in after if after[k] != before[k]] == ["seg_mae_n1_s0.json"]
 
+    # adapter arms on the same study folder: only the new arms train (LoRA, MLP probe; probe-mlp has no detection
+    # arm), each in its own run folder, and the report shows them with their trainable-parameter counts
+    assert _run(out, "--methods", "mae", "--adapters", "full,lora,probe-mlp") == 0
+    assert "note: no detection arms for adapter probe-mlp" in capsys.readouterr().out
+    arms = {p.name: p.stat().st_mtime_ns for p in stages.iterdir()}
+    assert sorted(k for k in arms if arms[k] != after.get(k)) == [
+        "det_mae_n1_s0_lora.json", "seg_mae_n1_s0_lora.json", "seg_mae_n1_s0_probe-mlp.json"]
+    res = json.loads((rep / "results.json").read_text())
+    assert res["arms"] == {"seg": ["scratch", "mae", "mae+lora", "mae+probe-mlp"],
+                           "det": ["scratch", "mae", "mae+lora"]}
+    for task, metric in (("seg", "dice"), ("det", "AP_IoU_0.10")):
+        for arm in res["arms"][task]:
+            v = res["table"][task][metric][arm]["1"][0]
+            assert v is not None and math.isfinite(v) and 0.0 <= v <= 1.0, (task, arm, v)
+    lora = res["results"]["seg_mae_n1_s0_lora"]
+    assert lora["folder"].endswith("nnPreFineTuneTrainer__nnPreResEncLPlans_mae_n1_s0_lora__3d_fullres/fold_all")
+    p = res["params"]
+    assert p["seg"]["scratch"]["trainable"] == p["seg"]["scratch"]["total"] == p["seg"]["mae"]["trainable"]
+    assert 0 < p["seg"]["mae+lora"]["added"] < p["seg"]["mae+lora"]["trainable"] < p["seg"]["mae+lora"]["total"]
+    assert 0 < p["seg"]["mae+probe-mlp"]["trainable"] < p["seg"]["mae+lora"]["trainable"]
+    assert p["det"]["mae+lora"]["adapter"] == "lora" and "mae+probe-mlp" not in p["det"]
+    md = (rep / "report.md").read_text()
+    assert "| mae+lora |" in md and "## Trainable parameters per arm" in md and "| seg | mae+probe-mlp |" in md
+    assert "match full fine-tuning" in md
+
 
 @pytest.mark.parametrize("args, msg", [
     (["--labelled", "3"], "--labelled sizes must be between 1 and the 2"),
@@ -112,36 +137,3 @@ def test_demo_dry_run_lists_adapter_arms(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.slow
-def test_demo_adapter_arms_end_to_end(tmp_path, monkeypatch, capsys):
-    """One method with LoRA and the MLP probe (no full arm): the arms train, get their own run folders and
-    stage records, the detection probe-mlp arm is skipped with a note, the report shows the arms with their
-    trainable-parameter counts."""
-    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(var, str(tmp_path / "unused"))
-    monkeypatch.setenv("nnUNet_compile", "false")
-    out = tmp_path / "demo"
-    assert _run(out, "--methods", "mae", "--adapters", "lora,probe-mlp") == 0
-    printed = capsys.readouterr().out
-    assert "note: no detection arms for adapter probe-mlp" in printed
-    stages = sorted(p.stem for p in (out / "stages").iterdir())
-    assert stages == ["data", "det_mae_n1_s0_lora", "det_scratch_n1_s0", "plan", "pretrain_mae",
-                      "seg_mae_n1_s0_lora", "seg_mae_n1_s0_probe-mlp", "seg_scratch_n1_s0"]
-    res = json.loads((out / "report" / "results.json").read_text())
-    assert res["arms"] == {"seg": ["scratch", "mae+lora", "mae+probe-mlp"], "det": ["scratch", "mae+lora"]}
-    for task, metric in (("seg", "dice"), ("det", "AP_IoU_0.10")):
-        for arm in res["arms"][task]:
-            v = res["table"][task][metric][arm]["1"][0]
-            assert v is not None and math.isfinite(v) and 0.0 <= v <= 1.0, (task, arm, v)
-    # run folders of their own, parameter counts from each run's adapter.json
-    lora = res["results"]["seg_mae_n1_s0_lora"]
-    assert lora["folder"].endswith("nnPreFineTuneTrainer__nnPreResEncLPlans_mae_n1_s0_lora__3d_fullres/fold_all")
-    p = res["params"]
-    assert p["seg"]["scratch"]["trainable"] == p["seg"]["scratch"]["total"]
-    assert 0 < p["seg"]["mae+lora"]["added"] < p["seg"]["mae+lora"]["trainable"] < p["seg"]["mae+lora"]["total"]
-    assert 0 < p["seg"]["mae+probe-mlp"]["trainable"] < p["seg"]["mae+lora"]["trainable"]
-    assert p["det"]["mae+lora"]["adapter"] == "lora" and "mae+probe-mlp" not in p["det"]
-    md = (out / "report" / "report.md").read_text()
-    assert "| mae+lora |" in md and "## Trainable parameters per arm" in md and "| seg | mae+probe-mlp |" in md
-    assert "match full fine-tuning" not in md  # no full arm to compare with

@@ -78,6 +78,12 @@ class Preset:
     pretext_overrides: Dict[str, Dict[str, object]] = field(default_factory=dict)
     extra: Dict[str, object] = field(default_factory=dict)
 
+    @property
+    def training_length(self) -> Tuple[int, int, int, int]:
+        """(num_epochs, iterations_per_epoch, val_iterations_per_epoch, save_every): what a trainer takes from
+        the preset."""
+        return self.num_epochs, self.iterations_per_epoch, self.val_iterations_per_epoch, self.save_every
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["spacing"] = list(self.spacing)

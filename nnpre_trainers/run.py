@@ -86,8 +86,8 @@ def make_trainer(trainer_class: Type, dataset: str | int, plans_name: str = "nnP
         if hasattr(trainer, "use_preset"):
             trainer.use_preset(p)  # its length, or the task's for it (detection: the recipe's)
         else:  # a stock nnU-Net trainer (e.g. the benchmarks' reference): the preset's length
-            trainer.num_epochs, trainer.num_iterations_per_epoch = p.num_epochs, p.iterations_per_epoch
-            trainer.num_val_iterations_per_epoch, trainer.save_every = p.val_iterations_per_epoch, p.save_every
+            (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch,
+             trainer.save_every) = p.training_length
     if epochs is not None:
         trainer.num_epochs = int(epochs)
     if iterations is not None:

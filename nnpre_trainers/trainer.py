@@ -241,7 +241,7 @@ class nnPreTrainer(nnUNetTrainer):
         when the task (the composed one, else the alias's default) has ``training_length(preset) -> (epochs,
         iterations, val_iterations, save_every)``, that length (detection: nnDetection's recipe, 60 x 2500)."""
         self.preset = preset
-        length = (preset.num_epochs, preset.iterations_per_epoch, preset.val_iterations_per_epoch, preset.save_every)
+        length = preset.training_length
         if self.pretext_name is None:
             hook = getattr(self.task or self.default_task(), "training_length", None)
             if hook is not None:
